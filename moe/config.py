@@ -6,11 +6,18 @@ under `model.moe`. Validation raises `ValueError` naming the field path.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
 EXPERT_BACKENDS = ("loop", "grouped_mm", "megablocks")
 DROP_POLICIES = ("probs", "position")
+MEGABLOCKS_MISSING = (
+    "{path}.backend=megablocks needs the megablocks package (CUDA only), which is not installed: "
+    "it builds against CUDA and pins older torch versions, so it cannot be installed on CPU "
+    "machines. Install it on a "
+    "GPU machine with `pip install megablocks`, or set {path}.backend=grouped_mm or loop."
+)
 
 
 @dataclass(kw_only=True)
@@ -64,6 +71,8 @@ class MoEConfig:
             raise ValueError(f"{path}.first_dense={self.first_dense} must be >= 0")
         _choice(f"{path}.score_func", self.score_func, ROUTER_SCORE_FUNCS)
         _choice(f"{path}.backend", self.backend, EXPERT_BACKENDS)
+        if self.backend == "megablocks" and importlib.util.find_spec("megablocks") is None:
+            raise ValueError(MEGABLOCKS_MISSING.format(path=path))
         _choice(f"{path}.drop_policy", self.drop_policy, DROP_POLICIES)
         self._validate_groups(path)
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate",

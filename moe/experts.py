@@ -1,0 +1,144 @@
+"""SwiGLU experts with weights stacked over experts, behind interchangeable compute backends.
+
+Shape legend: A routed assignments (rows sorted by expert), D model width, H expert hidden,
+L experts held by this module (all E, or E/ep under expert parallelism).
+
+Each expert computes `w2(silu(x @ w1) * (x @ w3))` with w1, w3: (L, D, H) and w2: (L, H, D).
+Input rows arrive grouped by expert: the first `counts_L[0]` rows belong to expert 0, etc.
+
+Backends (numerically equal, checked in tests):
+- `loop`: reference; one matmul per expert (a host sync for the counts).
+- `grouped_mm`: `torch.nn.functional.grouped_mm` (torch >= 2.9; else `torch._grouped_mm`).
+  In torch 2.14 it runs on CPU for fp32/bf16/fp16 as well as on CUDA (bf16, SM >= 80), but it
+  needs every row stride to be a multiple of 16 bytes (D and H divisible by 4 in fp32, by 8 in
+  bf16) and its backward fails on a non-contiguous gradient, so we make the gradient
+  contiguous. When strides are misaligned we fall back to `loop` for that call (documented,
+  not silent: see `grouped_mm_supported`).
+- `megablocks`: grouped GEMM from MegaBlocks (`megablocks.grouped_gemm_util`), imported lazily.
+  MegaBlocks needs CUDA to build and pins older torch versions, so it is never installed on
+  CPU machines; selecting it without the package raises a clear error at config time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmfm.moe.config import MEGABLOCKS_MISSING
+
+
+
+class BackendUnavailableError(ValueError):
+    """A configured compute backend cannot run here (missing package or hardware)."""
+
+
+def check_backend_available(backend: str) -> None:
+    """Raise BackendUnavailableError when `backend` needs a package that is not installed."""
+    if backend == "megablocks" and importlib.util.find_spec("megablocks") is None:
+        raise BackendUnavailableError(MEGABLOCKS_MISSING.format(path="model.moe"))
+
+
+def _grouped_mm_fn():
+    return getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm needs it)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def grouped_mm_supported(x_AD: Tensor, *weights: Tensor) -> bool:
+    """Whether grouped_mm's 16-byte row-stride rule holds for these operands."""
+    size = x_AD.element_size()
+    return all((w.shape[-1] * size) % 16 == 0 and (w.shape[-2] * size) % 16 == 0
+               for w in weights)
+
+
+def swiglu_loop(x_AD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, counts_L: Tensor) -> Tensor:
+    """Reference: one dense SwiGLU per expert on its slice of rows."""
+    outs = []
+    for e, x_aD in enumerate(x_AD.split(counts_L.tolist(), dim=0)):
+        h_aH = F.silu(x_aD @ w1[e]) * (x_aD @ w3[e])
+        outs.append(h_aH @ w2[e])
+    return torch.cat(outs, dim=0) if outs else x_AD.new_zeros(0, w2.shape[-1])
+
+
+def swiglu_grouped_mm(x_AD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor,
+                      counts_L: Tensor) -> Tensor:
+    """All experts in three grouped GEMMs; offsets are the int32 cumulative counts."""
+    if not grouped_mm_supported(x_AD, w1, w2):
+        return swiglu_loop(x_AD, w1, w3, w2, counts_L)
+    gmm = _grouped_mm_fn()
+    offs = torch.cumsum(counts_L, dim=0, dtype=torch.int32)
+    w1, w3, w2 = (w.to(x_AD.dtype) for w in (w1, w3, w2))
+    h_AH = F.silu(gmm(x_AD, w1, offs=offs)) * gmm(x_AD, w3, offs=offs)
+    return _ContiguousGrad.apply(gmm(_ContiguousGrad.apply(h_AH), w2, offs=offs))
+
+
+def swiglu_megablocks(x_AD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor,
+                      counts_L: Tensor) -> Tensor:
+    """MegaBlocks' grouped GEMM (`gmm(a, b, batch_sizes)` with batch sizes on the CPU)."""
+    check_backend_available("megablocks")
+    from megablocks import grouped_gemm_util as gg  # lazy: CUDA-only package
+
+    sizes = counts_L.cpu()
+    h_AH = F.silu(gg.ops.gmm(x_AD, w1, sizes)) * gg.ops.gmm(x_AD, w3, sizes)
+    return gg.ops.gmm(h_AH, w2, sizes)
+
+
+BACKENDS = {"loop": swiglu_loop, "grouped_mm": swiglu_grouped_mm, "megablocks": swiglu_megablocks}
+
+
+class Experts(nn.Module):
+    """`num_local` SwiGLU experts of width `hidden`, weights stacked on dim 0."""
+
+    def __init__(self, num_local: int, d_model: int, hidden: int, backend: str = "grouped_mm",
+                 first_expert: int = 0) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"model.moe.backend={backend!r} is not one of {', '.join(BACKENDS)}")
+        check_backend_available(backend)
+        self.backend = backend
+        self.num_local = num_local
+        self.first_expert = first_expert  # global id of local expert 0 (expert parallelism)
+        self.w1 = nn.Parameter(torch.empty(num_local, d_model, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_local, d_model, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden, d_model))
+
+    def reset_parameters(self, init_std: float, out_std: float | None = None) -> None:
+        """Like a dense SwiGLU FFN: N(0, init_std) for w1 and w3, N(0, out_std) for w2."""
+        nn.init.normal_(self.w1, std=init_std)
+        nn.init.normal_(self.w3, std=init_std)
+        nn.init.normal_(self.w2, std=init_std if out_std is None else out_std)
+
+    def forward(self, x_AD: Tensor, counts_L: Tensor) -> Tensor:
+        """Rows grouped by expert (counts_L rows each, in order) -> (A, D) expert outputs."""
+        return BACKENDS[self.backend](x_AD, self.w1, self.w3, self.w2, counts_L)
+
+
+class SharedExperts(nn.Module):
+    """Always-on experts (DeepSeek, Qwen2-MoE), fused into one dense SwiGLU of width n*hidden."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def reset_parameters(self, init_std: float, out_std: float | None = None) -> None:
+        nn.init.normal_(self.w1.weight, std=init_std)
+        nn.init.normal_(self.w3.weight, std=init_std)
+        nn.init.normal_(self.w2.weight, std=init_std if out_std is None else out_std)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x_TD)) * self.w3(x_TD))

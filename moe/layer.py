@@ -1,0 +1,160 @@
+"""MoELayer: router -> (capacity) -> dispatcher -> experts -> combine (+ shared experts).
+
+Shape legend: B batch, S sequence, T = B*S tokens, D model width, E experts, K experts per
+token, L experts held by this rank (E, or E/P under expert parallelism over P ranks),
+R rows this rank's experts process.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mmfm.moe.capacity import capacity_keep_mask, expert_capacity
+from mmfm.moe.config import MoEConfig
+from mmfm.moe.dispatcher import AllToAllDispatcher, LocalDispatcher
+from mmfm.moe.experts import Experts, SharedExperts
+from mmfm.moe.losses import (
+    router_z_loss,
+    sequence_balance_loss,
+    switch_load_balancing_loss,
+    tokens_per_expert,
+)
+from mmfm.moe.metrics import LoadMonitor, in_backward
+from mmfm.moe.router import Router, RouterOutput
+from mmfm.moe.trace import RoutingTraceWriter
+
+_COEFS = {"lb_loss": "aux_loss_coef", "seq_aux_loss": "seq_aux_loss_coef",
+          "z_loss": "z_loss_coef"}
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts SwiGLU FFN; `forward` returns (output, coefficient-weighted aux loss).
+
+    With `ep_group`, experts are sharded E/P over that process group (this rank holds experts
+    [rank*L, (rank+1)*L)) and tokens travel by all-to-all; the Switch loss then measures expert
+    load over the whole group (counts all-reduced), so the mean of the ranks' aux losses equals
+    the aux loss of one process seeing all their tokens (equal token counts per rank).
+    """
+
+    def __init__(self, cfg: MoEConfig, d_model: int, default_expert_hidden: int,
+                 init_std: float = 0.02, ep_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.init_std = init_std
+        self.ep_group = ep_group
+        E = cfg.num_experts
+        hidden = cfg.expert_hidden or default_expert_hidden
+        self.router = Router(cfg, d_model)
+        if ep_group is None:
+            self.dispatcher, first = LocalDispatcher(E), 0
+        else:
+            self.dispatcher = AllToAllDispatcher(E, ep_group)
+            first = dist.get_rank(ep_group) * self.dispatcher.num_local
+        num_local = E if ep_group is None else self.dispatcher.num_local
+        self.experts = Experts(num_local, d_model, hidden, cfg.backend, first_expert=first)
+        self.shared_experts = None
+        if cfg.num_shared_experts:
+            shared_hidden = cfg.shared_expert_hidden or hidden
+            self.shared_experts = SharedExperts(d_model, cfg.num_shared_experts * shared_hidden)
+        self.load = LoadMonitor(E)
+        self.trace: RoutingTraceWriter | None = None
+        self.layer_idx: int | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self, out_std: float | None = None) -> None:
+        """Experts like a dense SwiGLU FFN: N(0, init_std) for w1/w3, N(0, out_std) for w2
+        (out_std defaults to init_std; pass the dense FFN's depth-scaled std for parity)."""
+        self.router.reset_parameters(self.init_std)
+        self.experts.reset_parameters(self.init_std, out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.reset_parameters(self.init_std, out_std)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, S, D) -> (y (B, S, D), aux loss scalar fp32)."""
+        B, S, D = x.shape
+        x_TD = x.reshape(B * S, D)
+        r = self.router(x_TD)
+        keep_TK = self._capacity_keep(r)
+        x_RD, counts_L, state = self.dispatcher.dispatch(x_TD, r.topk_idx_TK, keep_TK)
+        y_RD = self.experts(x_RD, counts_L)
+        y_TD = self.dispatcher.combine(y_RD, r.topk_weight_TK, state, B * S)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        counting = self.training and not in_backward()
+        aux, losses, counts_E = self._aux_losses(r, B, with_metrics=counting)
+        if counting:
+            dropped = 0 if keep_TK is None else (~keep_TK).sum()
+            self.load.update(counts_E, r.probs_TE, dropped, losses,
+                             count_for_bias=self.cfg.bias_update_rate > 0)
+        if self.trace is not None and not in_backward():
+            K = self.cfg.top_k
+            self.trace.record(self.layer_idx, r.topk_idx_TK.view(B, S, K),
+                              r.topk_weight_TK.view(B, S, K))
+        return y_TD.view(B, S, D), aux
+
+    def _capacity_keep(self, r: RouterOutput) -> Tensor | None:
+        if self.cfg.capacity_factor is None:
+            return None
+        T, K = r.topk_idx_TK.shape
+        cap = expert_capacity(T, K, self.cfg.num_experts, self.cfg.capacity_factor)
+        return capacity_keep_mask(r.topk_idx_TK, r.topk_weight_TK, cap, self.cfg.num_experts,
+                                  self.cfg.drop_policy)
+
+    def _aux_losses(self, r: RouterOutput, batch_size: int, with_metrics: bool):
+        """(weighted total, {name: raw loss}, local counts (E,)). Losses whose coefficient is 0
+        are computed without autograd, and only when metrics are being counted."""
+        E = self.cfg.num_experts
+        counts_E = tokens_per_expert(r.topk_idx_TK, E)
+        fns = {
+            "lb_loss": lambda: switch_load_balancing_loss(
+                r.probs_TE, r.topk_idx_TK, E, counts_E=self._global_counts(counts_E)),
+            "seq_aux_loss": lambda: sequence_balance_loss(r.probs_TE, r.topk_idx_TK, batch_size),
+            "z_loss": lambda: router_z_loss(r.logits_TE),
+        }
+        aux = r.logits_TE.new_zeros(())
+        losses: dict[str, Tensor] = {}
+        for name, fn in fns.items():
+            coef = getattr(self.cfg, _COEFS[name])
+            if coef > 0:
+                losses[name] = fn()
+                aux = aux + coef * losses[name]
+            elif with_metrics:
+                with torch.no_grad():
+                    losses[name] = fn()
+        if with_metrics:
+            losses["aux_loss"] = aux.detach()
+        return aux, losses, counts_E
+
+    def _global_counts(self, counts_E: Tensor) -> Tensor:
+        if self.ep_group is None:
+            return counts_E
+        counts_E = counts_E.clone()
+        dist.all_reduce(counts_E, group=self.ep_group)
+        return counts_E
+
+    def compute_metrics(self, reset: bool = True) -> dict[str, tuple[Tensor, str]]:
+        """name -> (value, reduce_op) accumulated in training since the last reset."""
+        out = self.load.metrics(self.router.expert_bias)
+        if reset:
+            self.load.reset()
+        return out
+
+    @torch.no_grad()
+    def update_bias(self, group: dist.ProcessGroup | None = None) -> None:
+        """Aux-loss-free balancing step: b <- b + rate * sign(mean load - load), using the load
+        counted since the last call (all-reduced over `group`). No-op when the rate is 0."""
+        rate = self.cfg.bias_update_rate
+        if rate == 0:
+            return
+        load_E = self.load.bias_load_E.float()
+        if group is not None:
+            dist.all_reduce(load_E, group=group)
+        self.router.expert_bias.add_(rate * torch.sign(load_E.mean() - load_E))
+        self.load.bias_load_E.zero_()
+
+    def attach_trace(self, writer: RoutingTraceWriter | None, layer_idx: int | None = None) -> None:
+        """Record routing decisions of every forward to `writer` (None detaches)."""
+        self.trace, self.layer_idx = writer, layer_idx
