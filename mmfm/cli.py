@@ -1,0 +1,110 @@
+"""`mmfm` command line: data preparation, training, model info and the end-to-end demo.
+
+User errors (bad config values, missing data, damaged checkpoints) print one line,
+`error: ...`, and exit with status 2; set MMFM_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from mmfm.config import ExperimentConfig, load_config
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML preset, e.g. configs/text_moe_tiny.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="dotted overrides, e.g. train.steps=50 model.moe.num_experts=4")
+    parser.add_argument("--dense-equivalent", action="store_true",
+                        help="replace the MoE FFNs with one dense SwiGLU of equal active parameters")
+
+
+def _resolve(args: argparse.Namespace) -> ExperimentConfig:
+    cfg = load_config(args.config, args.overrides)
+    if args.dense_equivalent:
+        from mmfm.model.counting import dense_equivalent
+
+        cfg.model = dense_equivalent(cfg.model)
+        cfg.run.name = f"{cfg.run.name}_dense_equiv"
+        cfg.validate()
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mmfm.train import Trainer
+
+    cfg = _resolve(args)
+    result = Trainer(cfg, resume=args.resume, resume_from=args.resume_from).fit()
+    print(f"run directory: {result.run_dir}")
+    print(f"  resolved config: {result.run_dir / 'config.yaml'}")
+    print(f"  metrics:         {result.run_dir / 'metrics.jsonl'}")
+    print(f"  checkpoint:      {result.checkpoint}")
+    if result.val_loss is not None:
+        print(f"  final validation loss: {result.val_loss:.4f}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from mmfm.model.info import describe
+
+    print(describe(_resolve(args)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mmfm.demo import run_demo
+
+    return run_demo(out_dir=args.out, steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmfm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model from a YAML preset",
+                           description="Train a model from a YAML preset with dotted overrides.")
+    _add_config_args(train)
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in the run directory")
+    train.add_argument("--resume-from", metavar="CKPT_DIR", help="continue from this checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    info = sub.add_parser("info", help="parameter and FLOP counts of a config",
+                          description="Print total/active parameters, FLOPs per token and, for "
+                                      "an MoE config, its dense-equivalent twin.")
+    _add_config_args(info)
+    info.set_defaults(func=cmd_info)
+
+    demo = sub.add_parser("demo", help="corpus -> tokenizer -> shards -> train -> evaluate",
+                          description="End-to-end demo on a real corpus assembled from packages.")
+    demo.add_argument("--out", default="runs/demo", help="where data and runs go")
+    demo.add_argument("--steps", type=int, default=None, help="override train.steps")
+    demo.set_defaults(func=cmd_demo)
+
+    from mmfm.data.cli import register as register_data
+
+    register_data(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:  # ConfigError, CheckpointError and data errors are ValueErrors
+        if os.environ.get("MMFM_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        if os.environ.get("MMFM_DEBUG"):
+            raise
+        print(f"error: {err.filename or err}: file not found", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Transformer building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Shape legend: B batch, T sequence, D model width, H query heads, K key/value heads,
+Dh head dim, F FFN hidden size. Only math here: no distributed code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 for stability."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_f32 = x.float()
+        normed = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
+    """cos, sin tables of shape (T, Dh) in the rotate-half layout used by Llama/Mixtral."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    angles_TF = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    angles_TDh = torch.cat([angles_TF, angles_TF], dim=-1)
+    return angles_TDh.cos(), angles_TDh.sin()
+
+
+def apply_rope(x_BHTDh: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> Tensor:
+    """Rotate pairs (i, i + Dh/2) of each head vector by position-dependent angles."""
+    half = x_BHTDh.shape[-1] // 2
+    rotated = torch.cat([-x_BHTDh[..., half:], x_BHTDh[..., :half]], dim=-1)
+    return (x_BHTDh * cos_TDh + rotated * sin_TDh).type_as(x_BHTDh)
+
+
+def document_causal_mask(doc_ids_BT: Tensor) -> Tensor:
+    """(B, 1, T, T) bool mask: causal, and a token attends only within its own document."""
+    T = doc_ids_BT.shape[1]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=doc_ids_BT.device).tril()
+    same_doc_BTT = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
+    return (same_doc_BTT & causal_TT)[:, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention through `scaled_dot_product_attention`.
+
+    K key/value heads are shared by H/K query heads each; SDPA's `enable_gqa` avoids
+    materializing repeated keys and values.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.normal_(lin.weight, std=init_std)
+        nn.init.normal_(self.wo.weight, std=out_std)
+
+
+class SwiGLU(nn.Module):
+    """Dense gated FFN: w2(silu(w1 x) * w3 x) (Shazeer 2020)."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1.weight, std=init_std)
+        nn.init.normal_(self.w3.weight, std=init_std)
+        nn.init.normal_(self.w2.weight, std=out_std)
+
+
+def output_std(init_std: float, n_layers: int) -> float:
+    """Residual-branch output projections are scaled down with depth (GPT-2, OLMo)."""
+    return init_std / math.sqrt(2 * n_layers)
