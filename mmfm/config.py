@@ -28,20 +28,22 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Decoder-only transformer shape. `moe: null` gives the dense model."""
+    """Decoder-only transformer shape. `moe: null` gives the dense model.
+
+    The defaults are the tiny demo model (configs/text_moe_tiny.yaml spells them out)."""
 
     vocab_size: int = 8192
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 8
     n_kv_heads: int = 4
-    ffn_hidden: int = 768
+    ffn_hidden: int = 512
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
-    moe: MoEConfig | None = field(default_factory=MoEConfig)
+    moe: MoEConfig | None = field(default_factory=lambda: MoEConfig(expert_hidden=256))
 
     @property
     def head_dim(self) -> int:
@@ -100,7 +102,7 @@ class TrainConfig:
     """Optimizer, schedule, precision, evaluation and checkpoint cadence."""
 
     steps: int = 300
-    micro_batch_size: int = 8
+    micro_batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1

@@ -94,3 +94,10 @@ def test_console_script_help():
     proc = subprocess.run([sys.executable, "-m", "mmfm.cli", "train", "--help"],
                           capture_output=True, text=True, check=True)
     assert "--resume" in proc.stdout and "key.path=value" in proc.stdout
+
+
+def test_embedded_defaults_are_the_tiny_preset():
+    """`mmfm demo` trains the embedded defaults; the preset file must say the same thing."""
+    defaults, preset = load_config(None), load_config(TINY)
+    defaults.run.name = preset.run.name
+    assert defaults == preset

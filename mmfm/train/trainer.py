@@ -18,6 +18,7 @@ import torch
 
 from mmfm.config import ExperimentConfig, save_config
 from mmfm.data.loader import TokenLoader, iter_eval_batches
+from mmfm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from mmfm.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, collect_moe_metrics
 from mmfm.model import Decoder, lm_loss
 from mmfm.model.counting import count_params, flops_per_token
@@ -60,14 +61,23 @@ class Trainer:
         self.model = Decoder(cfg.model)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.loader = TokenLoader(cfg.data.train_shards, cfg.data.seq_len, cfg.train.micro_batch_size,
-                                  num_workers=cfg.data.num_workers, seed=cfg.run.seed,
-                                  vocab_size=cfg.model.vocab_size)
+        self.loader = self._build_loader()
         self.step = 0
         if checkpoint is not None:
             self._restore(checkpoint)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.show_progress = cfg.metrics.console if show_progress is None else show_progress
+
+    def _build_loader(self) -> TokenLoader:
+        """The training loader, after checking every data input up front (shards exist, were
+        written with this tokenizer, fit the vocabulary), so no error waits for step 1000."""
+        dcfg = self.cfg.data
+        tokenizer_sha = tokenizer_fingerprint(load_tokenizer(dcfg.tokenizer))
+        loader = TokenLoader(dcfg.train_shards, dcfg.seq_len, self.cfg.train.micro_batch_size,
+                             num_workers=dcfg.num_workers, seed=self.cfg.run.seed,
+                             vocab_size=self.cfg.model.vocab_size, tokenizer_sha256=tokenizer_sha)
+        next(iter_eval_batches(dcfg.val_shards, dcfg.seq_len, 1, 1, self.cfg.model.vocab_size), None)
+        return loader
 
     def _find_checkpoint(self, resume: bool, resume_from: str | None) -> Checkpoint | None:
         if resume_from:
@@ -86,8 +96,10 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         self.step = checkpoint.step
 
-    def fit(self) -> TrainResult:
-        """Train to `train.steps`, evaluating and checkpointing on the configured cadence."""
+    def fit(self, stop_after: int | None = None) -> TrainResult:
+        """Train to `train.steps`, evaluating and checkpointing on the configured cadence.
+        `stop_after` ends this invocation early after that many steps (as an interruption would);
+        the schedule still spans `train.steps`, so `--resume` continues the same run."""
         tcfg = self.cfg.train
         save_config(self.cfg, self.run_dir / "config.yaml")
         logger = self._build_logger()
@@ -95,8 +107,9 @@ class Trainer:
         val_loss, ckpt_path = None, None
         batches = iter(self.loader)
         tokens_per_step = tcfg.micro_batch_size * tcfg.grad_accum * self.cfg.data.seq_len
+        last = tcfg.steps if stop_after is None else min(tcfg.steps, self.step + stop_after)
         try:
-            while self.step < tcfg.steps:
+            while self.step < last:
                 started = time.perf_counter()
                 record = self._train_step(batches)
                 self.step += 1
