@@ -84,7 +84,7 @@ class Decoder(nn.Module):
             block.attn_norm.weight.data.fill_(1.0)
             block.ffn_norm.weight.data.fill_(1.0)
             if block.is_moe:
-                block.ffn.reset_parameters()
+                block.ffn.reset_parameters(out_std)
             else:
                 block.ffn.reset_parameters(std, out_std)
         self.norm.weight.data.fill_(1.0)
