@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mmfm.moe.config import MoEConfig
 
 PRECISIONS = ("fp32", "bf16")
+DATA_KINDS = ("text",)  # which `mmfm.train.task` builds the model, data and loss
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,7 @@ class ModelConfig:
 class DataConfig:
     """Where token shards and the tokenizer live, and how sequences are packed."""
 
+    kind: str = "text"
     train_shards: str = "runs/demo/data/shards/train"
     val_shards: str = "runs/demo/data/shards/val"
     tokenizer: str = "runs/demo/data/tokenizer.json"
@@ -91,6 +93,8 @@ class DataConfig:
     document_mask: bool = True
 
     def validate(self, path: str = "data") -> None:
+        if self.kind not in DATA_KINDS:
+            raise ConfigError(f"{path}.kind={self.kind!r} is not one of {', '.join(DATA_KINDS)}")
         if self.seq_len <= 0:
             raise ConfigError(f"{path}.seq_len={self.seq_len} must be > 0")
         if self.num_workers < 0:

@@ -17,10 +17,7 @@ from typing import Any
 import torch
 
 from mmfm.config import ExperimentConfig, save_config
-from mmfm.data.loader import TokenLoader, iter_eval_batches
-from mmfm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from mmfm.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, collect_moe_metrics
-from mmfm.model import Decoder, lm_loss
 from mmfm.model.counting import count_params, flops_per_token
 from mmfm.train.checkpoint import (
     Checkpoint,
@@ -29,6 +26,7 @@ from mmfm.train.checkpoint import (
     verify_checkpoint,
 )
 from mmfm.train.optim import build_optimizer, build_scheduler
+from mmfm.train.task import build_task
 
 
 @dataclass
@@ -58,26 +56,16 @@ class Trainer:
         checkpoint = self._find_checkpoint(resume, resume_from)
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
-        self.model = Decoder(cfg.model)
+        self.task = build_task(cfg)
+        self.model = self.task.build_model()
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.loader = self._build_loader()
+        self.loader = self.task.train_loader()
         self.step = 0
         if checkpoint is not None:
             self._restore(checkpoint)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.show_progress = cfg.metrics.console if show_progress is None else show_progress
-
-    def _build_loader(self) -> TokenLoader:
-        """The training loader, after checking every data input up front (shards exist, were
-        written with this tokenizer, fit the vocabulary), so no error waits for step 1000."""
-        dcfg = self.cfg.data
-        tokenizer_sha = tokenizer_fingerprint(load_tokenizer(dcfg.tokenizer))
-        loader = TokenLoader(dcfg.train_shards, dcfg.seq_len, self.cfg.train.micro_batch_size,
-                             num_workers=dcfg.num_workers, seed=self.cfg.run.seed,
-                             vocab_size=self.cfg.model.vocab_size, tokenizer_sha256=tokenizer_sha)
-        next(iter_eval_batches(dcfg.val_shards, dcfg.seq_len, 1, 1, self.cfg.model.vocab_size), None)
-        return loader
 
     def _find_checkpoint(self, resume: bool, resume_from: str | None) -> Checkpoint | None:
         if resume_from:
@@ -134,13 +122,10 @@ class Trainer:
         self.model.train()
         lm_total = aux_total = 0.0
         for _ in range(tcfg.grad_accum):
-            batch = next(batches)
             with autocast_context(tcfg.precision):
-                out = self.model(batch.input_ids, batch.doc_ids if self.cfg.data.document_mask else None)
-                lm = lm_loss(out.logits, batch.labels)
-            loss = (lm + out.aux_loss) / tcfg.grad_accum
-            loss.backward()
-            lm_total += lm.item() / tcfg.grad_accum
+                out = self.task.loss(self.model, next(batches))
+            ((out.lm_loss + out.aux_loss) / tcfg.grad_accum).backward()
+            lm_total += out.lm_loss.item() / tcfg.grad_accum
             aux_total += out.aux_loss.item() / tcfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
@@ -163,14 +148,11 @@ class Trainer:
         """Mean next-token loss over the first `train.eval_batches` held-out batches (token-weighted)."""
         self.model.eval()
         total, count = 0.0, 0
-        for batch in iter_eval_batches(self.cfg.data.val_shards, self.cfg.data.seq_len,
-                                       self.cfg.train.micro_batch_size, self.cfg.train.eval_batches,
-                                       vocab_size=self.cfg.model.vocab_size):
+        for batch in self.task.eval_batches():
             with autocast_context(self.cfg.train.precision):
-                out = self.model(batch.input_ids, batch.doc_ids if self.cfg.data.document_mask else None)
-            n = int((batch.labels != -100).sum())
-            total += lm_loss(out.logits, batch.labels).item() * n
-            count += n
+                out = self.task.loss(self.model, batch)
+            total += out.lm_loss.item() * out.num_targets
+            count += out.num_targets
         if count == 0:
             raise ValueError(f"data.val_shards={self.cfg.data.val_shards} yielded no tokens")
         return total / count

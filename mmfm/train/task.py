@@ -1,0 +1,90 @@
+"""What a training job is made of, apart from the loop: its model, its data and its loss.
+
+The trainer is the same for every job; a `Task` supplies the parts that differ. `TextTask` is
+the text-only job (token shards, packed sequences, next-token loss). The interleaved
+multimodal job plugs in here as another task, chosen by `data.kind`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from mmfm.data.loader import Batch, TokenLoader, iter_eval_batches
+from mmfm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from mmfm.model import IGNORE_INDEX, Decoder, lm_loss
+
+
+@dataclass
+class LossOutput:
+    lm_loss: Tensor  # mean next-token loss over target positions (scalar)
+    aux_loss: Tensor  # MoE auxiliary losses, coefficient-weighted (scalar)
+    num_targets: int  # positions that carried a target, to weight evaluation means
+    metrics: dict[str, float] = field(default_factory=dict)  # extra per-batch scalars
+
+
+class StatefulLoader(Protocol):
+    """An infinite batch iterator whose position a checkpoint can save and restore."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+    def __next__(self) -> Any: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Task(Protocol):
+    def build_model(self) -> nn.Module: ...
+    def train_loader(self, rank: int = 0, world_size: int = 1) -> StatefulLoader: ...
+    def eval_batches(self) -> Iterable[Any]: ...
+    def loss(self, model: nn.Module, batch: Any) -> LossOutput: ...
+
+
+class TextTask:
+    """Text-only pretraining on WebDataset token shards."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def build_model(self) -> nn.Module:
+        return Decoder(self.cfg.model)
+
+    def train_loader(self, rank: int = 0, world_size: int = 1) -> TokenLoader:
+        """The training loader, after checking every data input up front (shards exist, were
+        written with this tokenizer, fit the vocabulary), so no error waits for step 1000."""
+        dcfg, vocab = self.cfg.data, self.cfg.model.vocab_size
+        tokenizer_sha = tokenizer_fingerprint(load_tokenizer(dcfg.tokenizer))
+        loader = TokenLoader(dcfg.train_shards, dcfg.seq_len, self.cfg.train.micro_batch_size,
+                             rank=rank, world_size=world_size, num_workers=dcfg.num_workers,
+                             seed=self.cfg.run.seed, vocab_size=vocab, tokenizer_sha256=tokenizer_sha)
+        next(iter_eval_batches(dcfg.val_shards, dcfg.seq_len, 1, 1, vocab), None)
+        return loader
+
+    def eval_batches(self) -> Iterable[Batch]:
+        dcfg = self.cfg.data
+        return iter_eval_batches(dcfg.val_shards, dcfg.seq_len, self.cfg.train.micro_batch_size,
+                                 self.cfg.train.eval_batches, vocab_size=self.cfg.model.vocab_size)
+
+    def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        doc_ids = batch.doc_ids if self.cfg.data.document_mask else None
+        out = model(batch.input_ids, doc_ids)
+        num_targets = int((batch.labels != IGNORE_INDEX).sum())
+        return LossOutput(lm_loss(out.logits, batch.labels), out.aux_loss, num_targets)
+
+
+TASKS = {"text": TextTask}
+
+
+def build_task(cfg) -> Task:
+    """The task for `cfg.data.kind`."""
+    kind = getattr(cfg.data, "kind", "text")
+    if kind not in TASKS:
+        raise ValueError(f"data.kind={kind!r} is not one of {', '.join(TASKS)}")
+    return TASKS[kind](cfg)
+
+
+def to_float(value: Tensor | float) -> float:
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
