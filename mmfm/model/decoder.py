@@ -89,13 +89,16 @@ class Decoder(nn.Module):
                 block.ffn.reset_parameters(std, out_std)
         self.norm.weight.data.fill_(1.0)
 
-    def forward(self, input_ids_BT: Tensor, doc_ids_BT: Tensor | None = None) -> DecoderOutput:
+    def forward(self, input_ids_BT: Tensor, doc_ids_BT: Tensor | None = None,
+                inputs_embeds_BTD: Tensor | None = None) -> DecoderOutput:
+        """Logits for `input_ids_BT`; `inputs_embeds_BTD`, when given, replaces the token
+        embedding lookup (multimodal fusion scatters media embeddings into it first)."""
         T = input_ids_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         mask = _attention_mask(doc_ids_BT)
-        h_BTD = self.embed(input_ids_BT)
+        h_BTD = self.embed(input_ids_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
         aux = h_BTD.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
             h_BTD, block_aux = block(h_BTD, cos, sin, mask)
