@@ -1,0 +1,391 @@
+"""Training and validation loaders over token shards, with exact, checkpointable state.
+
+Shape legend: B = micro batch size, T = seq_len.
+
+**Packing.** Documents (each already ending in ``<|endoftext|>``) are concatenated into one
+token stream per reader and cut into rows of T+1 tokens; ``input_ids = row[:-1]``,
+``labels = row[1:]``. Rows do not overlap, so every token of every document appears in
+exactly one row per epoch, in order; a document longer than a row simply continues in the
+next row of the same reader. Nothing is dropped or padded in training.
+
+**Document boundaries.** ``doc_ids[b, t]`` numbers the documents within row b (0, 1, ...),
+so attention can be restricted to a block-diagonal causal mask
+(:meth:`Batch.block_causal_mask`): no token attends across a document boundary. The label
+at an ``<|endoftext|>`` position is the first token of the next document and is kept, as
+GPT-style packing does: under the document mask that EOS sees only its own document, so
+the target teaches "what a document starts with" without leaking the previous text. The
+first token of a row has no input position (it is only ever a label of the previous row)
+and so is never predicted from a truncated context of its own doc piece; a document cut
+by a row boundary continues with doc id 0 in the next row and cannot see its beginning.
+
+**Order and sharding.** Each epoch the shard list is shuffled with ``(seed, epoch)``, split
+by rank (``shards[rank::world_size]``) and then by DataLoader worker; within a shard, the
+document order is shuffled with ``(seed, epoch, shard)``. A worker's stream runs on into the
+next epoch without a break, so the loader is an infinite iterator.
+
+**Exact resume.** A worker's position is ``(epoch, shard, doc, offset)``: the next token it
+would read. Each worker sends that position along with every batch, and the loader keeps
+the position of the last batch it *returned* per worker (prefetched batches do not count),
+plus which worker is due next. Torch's DataLoader returns an IterableDataset's batches
+round-robin from its workers, so on resume physical worker 0 plays the saved "next" worker
+and the sequence continues exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mmfm.data.shards import iter_shard_docs, read_index
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+IGNORE_INDEX = -100  # labels with this value have no target (torch cross_entropy default)
+STATE_VERSION = 1
+
+
+@dataclass
+class Batch:
+    """One micro batch. ``input_ids``/``labels``: (B, T) int64; ``doc_ids``: (B, T) int32."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    doc_ids: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(*(t.to(device, non_blocking=non_blocking)
+                       for t in (self.input_ids, self.labels, self.doc_ids)))
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    def block_causal_mask(self) -> torch.Tensor:
+        """(B, 1, T, T) bool, True where query t may attend key s: s <= t, same document.
+
+        Shaped for ``scaled_dot_product_attention(attn_mask=...)`` (broadcast over heads).
+        """
+        T = self.doc_ids.shape[1]
+        causal_TT = torch.ones(T, T, dtype=torch.bool, device=self.doc_ids.device).tril()
+        same_doc_BTT = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]
+        return (same_doc_BTT & causal_TT)[:, None]
+
+
+# ----------------------------------------------------------------------------- plans
+
+def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """Indices of the shards in the order all ranks read them in `epoch`."""
+    return np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
+
+
+def reader_shards(
+    num_shards: int, seed: int, epoch: int, rank: int, world_size: int, worker: int,
+    num_workers: int,
+) -> list[int]:
+    """The shard indices one (rank, worker) reads in `epoch`: by rank, then by worker."""
+    return epoch_shard_order(num_shards, seed, epoch)[rank::world_size][worker::num_workers]
+
+
+def _doc_order(num_docs: int, seed: int, epoch: int, shard: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, shard, 1]).permutation(num_docs)
+
+
+def _check_vocab(index: dict[str, Any], vocab_size: int | None, shards_dir: Path) -> None:
+    # A model vocabulary larger than the tokenizer's is harmless (unused rows, e.g. padding
+    # to a multiple of 64); a smaller one would index out of range. A different tokenizer of
+    # the same size is caught by comparing index["tokenizer_sha256"].
+    if vocab_size is not None and index["vocab_size"] > vocab_size:
+        raise ValueError(
+            f"tokenizer/model vocabulary mismatch: shards in {shards_dir} were written with a "
+            f"tokenizer of vocab size {index['vocab_size']}, but the model's vocab_size is "
+            f"{vocab_size}; retrain the tokenizer and shards, or set model.vocab_size="
+            f"{index['vocab_size']}"
+        )
+
+
+# ----------------------------------------------------------------------------- packing
+
+class _PackedStream:
+    """One reader's endless token stream, cut into rows; its position is exact and small."""
+
+    def __init__(
+        self, shards_dir: Path, names: list[str], seed: int, rank: int, world_size: int,
+        worker: int, num_workers: int, row_len: int, position: dict[str, int] | None,
+    ) -> None:
+        self.dir, self.names, self.seed, self.row_len = shards_dir, names, seed, row_len
+        self.split = (rank, world_size, worker, num_workers)
+        pos = position or {"epoch": 0, "shard": 0, "doc": 0, "offset": 0}
+        self.epoch, self.shard, self.doc, self.offset = (
+            pos["epoch"], pos["shard"], pos["doc"], pos["offset"])
+        self._plan_epoch = -1
+        self._plan: list[int] = []
+        self._loaded: tuple[int, int] | None = None  # (epoch, shard cursor) of self._docs
+        self._docs: list[np.ndarray] = []
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "shard": self.shard, "doc": self.doc, "offset": self.offset}
+
+    def next_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, doc index within the row), each of length row_len."""
+        pieces: list[np.ndarray] = []
+        need = self.row_len
+        while need > 0:
+            doc = self._current_doc()
+            piece = doc[self.offset:self.offset + need]
+            pieces.append(piece)
+            need -= len(piece)
+            self.offset += len(piece)
+            if self.offset == len(doc):
+                self.doc, self.offset = self.doc + 1, 0
+        tokens = np.concatenate(pieces)
+        doc_ids = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p) for p in pieces])
+        return tokens, doc_ids
+
+    def _current_doc(self) -> np.ndarray:
+        while True:
+            plan = self._epoch_plan()
+            if self.shard >= len(plan):
+                self.epoch, self.shard, self.doc = self.epoch + 1, 0, 0
+                continue
+            docs = self._shard_docs(plan[self.shard])
+            if self.doc < len(docs):
+                return docs[self.doc]
+            self.shard, self.doc = self.shard + 1, 0
+
+    def _epoch_plan(self) -> list[int]:
+        if self._plan_epoch != self.epoch:
+            self._plan = reader_shards(len(self.names), self.seed, self.epoch, *self.split)
+            self._plan_epoch = self.epoch
+            assert self._plan, "reader with no shards (checked by TokenLoader)"
+        return self._plan
+
+    def _shard_docs(self, shard_index: int) -> list[np.ndarray]:
+        if self._loaded != (self.epoch, self.shard):
+            stored = [ids for _, ids, _ in iter_shard_docs(self.dir / self.names[shard_index])]
+            order = _doc_order(len(stored), self.seed, self.epoch, shard_index)
+            self._docs = [stored[i] for i in order]
+            self._loaded = (self.epoch, self.shard)
+        return self._docs
+
+
+def _rows_to_tensors(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    tokens_BR = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))  # R = T+1
+    doc_BR = torch.from_numpy(np.stack([r[1] for r in rows]))
+    return {"input_ids": tokens_BR[:, :-1].contiguous(), "labels": tokens_BR[:, 1:].contiguous(),
+            "doc_ids": doc_BR[:, :-1].contiguous()}
+
+
+class _PackedDataset(IterableDataset):
+    """Yields {"input_ids", "labels", "doc_ids", "worker", "state"} batches forever."""
+
+    def __init__(self, loader: TokenLoader, first_worker: int,
+                 states: list[dict[str, int] | None]) -> None:
+        super().__init__()
+        self.cfg = loader._reader_config()
+        self.first_worker, self.states = first_worker, states
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        n = len(self.states)
+        # Physical worker 0 plays the logical worker due next, so the DataLoader's
+        # round-robin order continues the saved sequence exactly.
+        worker = ((info.id if info else 0) + self.first_worker) % n
+        c = self.cfg
+        stream = _PackedStream(c["dir"], c["names"], c["seed"], c["rank"], c["world_size"],
+                               worker, n, c["seq_len"] + 1, self.states[worker])
+        while True:
+            rows = [stream.next_row() for _ in range(c["micro_batch_size"])]
+            yield {**_rows_to_tensors(rows), "worker": worker, "state": stream.position()}
+
+
+# ----------------------------------------------------------------------------- loaders
+
+class TokenLoader:
+    """Infinite iterator of packed training :class:`Batch` es for one rank.
+
+    ``next(loader)`` starts the workers lazily; :meth:`state_dict` gives the position after
+    the last batch returned; :meth:`load_state_dict` (before or between batches) makes the
+    next batch the one the saved loader would have returned next.
+    """
+
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        seq_len: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        vocab_size: int | None = None,
+        tokenizer_sha256: str | None = None,
+    ) -> None:
+        self.dir = Path(shards_dir)
+        self.index = read_index(self.dir)
+        _check_vocab(self.index, vocab_size, self.dir)
+        _check_tokenizer(self.index, tokenizer_sha256, self.dir)
+        _check_positive(seq_len=seq_len, micro_batch_size=micro_batch_size,
+                        world_size=world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} must be >= 0")
+        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
+        self.rank, self.world_size, self.num_workers, self.seed = (
+            rank, world_size, num_workers, seed)
+        self.names = [s["name"] for s in self.index["shards"]]
+        self._readers = max(1, num_workers)  # logical workers (1 in-process when 0)
+        self._check_enough_shards()
+        self._states: list[dict[str, int] | None] = [None] * self._readers
+        self._next_worker = 0
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def _check_enough_shards(self) -> None:
+        readers = self.world_size * self._readers
+        if len(self.names) < readers:
+            raise ValueError(
+                f"{self.dir} has {len(self.names)} shard(s) but world_size={self.world_size} x "
+                f"num_workers={self._readers} = {readers} readers each need at least one; "
+                f"rank {self.rank} would get too few. Write more, smaller shards "
+                "(mmfm data shards --docs-per-shard N) or use fewer workers"
+            )
+
+    def _reader_config(self) -> dict[str, Any]:
+        return {"dir": self.dir, "names": self.names, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "seq_len": self.seq_len,
+                "micro_batch_size": self.micro_batch_size}
+
+    def __iter__(self) -> TokenLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._it = self._start()
+        item = next(self._it)
+        self._states[item["worker"]] = dict(item["state"])
+        self._next_worker = (item["worker"] + 1) % self._readers
+        return Batch(item["input_ids"], item["labels"], item["doc_ids"])
+
+    def _start(self) -> Iterator[dict[str, Any]]:
+        dataset = _PackedDataset(self, self._next_worker, list(self._states))
+        if self.num_workers == 0:
+            return iter(dataset)
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
+
+    def close(self) -> None:
+        """Stop the worker processes (they restart on the next batch)."""
+        self._it = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self._readers,
+            "seed": self.seed,
+            "shards": len(self.names),
+            "tokenizer_sha256": self.index.get("tokenizer_sha256"),
+            "next_worker": self._next_worker,
+            "worker_states": [dict(s) if s else None for s in self._states],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by :meth:`state_dict` on the same rank and layout."""
+        expected = {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+                    "num_workers": self._readers, "seed": self.seed, "shards": len(self.names),
+                    "tokenizer_sha256": self.index.get("tokenizer_sha256")}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"cannot resume the data loader: it was saved with {key}={state.get(key)!r} "
+                    f"but this loader has {key}={value!r} (data order would not continue)"
+                )
+        self.close()
+        self._states = [dict(s) if s else None for s in state["worker_states"]]
+        self._next_worker = int(state["next_worker"])
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{name}={value} must be > 0")
+
+
+def _check_tokenizer(index: dict[str, Any], sha: str | None, shards_dir: Path) -> None:
+    if sha is not None and index.get("tokenizer_sha256") != sha:
+        raise ValueError(
+            f"tokenizer mismatch: shards in {shards_dir} were written with tokenizer "
+            f"{str(index.get('tokenizer_sha256'))[:12]}, the model uses {sha[:12]}"
+        )
+
+
+def iter_eval_batches(
+    shards_dir: str | Path,
+    seq_len: int,
+    micro_batch_size: int,
+    max_batches: int | None = None,
+    vocab_size: int | None = None,
+) -> Iterator[Batch]:
+    """Validation batches: every call yields the same batches in the same order.
+
+    Shards in index order, documents in stored order, packed like training; the last row
+    is padded with ``<|pad|>`` (labels -100, a doc id of its own) and the last batch may
+    have fewer rows. Stops after `max_batches` or at the end of the data (no repeat).
+    """
+    shards_dir = Path(shards_dir)
+    index = read_index(shards_dir)
+    _check_vocab(index, vocab_size, shards_dir)
+    _check_positive(seq_len=seq_len, micro_batch_size=micro_batch_size)
+    if max_batches is not None and max_batches <= 0:
+        return
+    rows: list[_EvalRow] = []
+    emitted = 0
+    for row in _eval_rows(shards_dir, index, seq_len + 1):
+        rows.append(row)
+        if len(rows) == micro_batch_size:
+            yield _eval_batch(rows)
+            emitted, rows = emitted + 1, []
+            if emitted == max_batches:
+                return
+    if rows:
+        yield _eval_batch(rows)
+
+
+_EvalRow = tuple[np.ndarray, np.ndarray, int]  # (tokens, doc ids, number of pad tokens)
+
+
+def _eval_rows(shards_dir: Path, index: dict[str, Any], row_len: int) -> Iterator[_EvalRow]:
+    pieces: list[np.ndarray] = []
+    filled = 0
+    for shard in index["shards"]:
+        for _, ids, _ in iter_shard_docs(shards_dir / shard["name"]):
+            offset = 0
+            while offset < len(ids):
+                piece = ids[offset:offset + row_len - filled]
+                pieces.append(piece)
+                filled, offset = filled + len(piece), offset + len(piece)
+                if filled == row_len:
+                    yield _make_row(pieces, 0)
+                    pieces, filled = [], 0
+    if filled:
+        # The pad run gets a doc id of its own, so no real token ever attends to it.
+        pieces.append(np.full(row_len - filled, index["pad_id"], dtype=np.int32))
+        yield _make_row(pieces, row_len - filled)
+
+
+def _make_row(pieces: list[np.ndarray], n_pad: int) -> _EvalRow:
+    doc_ids = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p) for p in pieces])
+    return np.concatenate(pieces).astype(np.int64), doc_ids, n_pad
+
+
+def _eval_batch(rows: list[_EvalRow]) -> Batch:
+    tokens_BR = torch.from_numpy(np.stack([r[0] for r in rows]))  # R = T+1
+    doc_BR = torch.from_numpy(np.stack([r[1] for r in rows]))
+    labels_BT = tokens_BR[:, 1:].clone()
+    for b, (_, _, n_pad) in enumerate(rows):
+        if n_pad:
+            labels_BT[b, -n_pad:] = IGNORE_INDEX
+    return Batch(tokens_BR[:, :-1].contiguous(), labels_BT, doc_BR[:, :-1].contiguous())
