@@ -25,10 +25,8 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from mmfm.moe.config import MEGABLOCKS_MISSING
-
+from torch import Tensor, nn
 
 
 class BackendUnavailableError(ValueError):

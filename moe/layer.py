@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-
 from mmfm.moe.capacity import capacity_keep_mask, expert_capacity
 from mmfm.moe.config import MoEConfig
 from mmfm.moe.dispatcher import AllToAllDispatcher, LocalDispatcher
@@ -24,6 +22,7 @@ from mmfm.moe.losses import (
 from mmfm.moe.metrics import LoadMonitor, in_backward
 from mmfm.moe.router import Router, RouterOutput
 from mmfm.moe.trace import RoutingTraceWriter
+from torch import Tensor, nn
 
 _COEFS = {"lb_loss": "aux_loss_coef", "seq_aux_loss": "seq_aux_loss_coef",
           "z_loss": "z_loss_coef"}
@@ -83,16 +82,8 @@ class MoELayer(nn.Module):
         y_TD = self.dispatcher.combine(y_RD, r.topk_weight_TK, state, B * S)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        counting = self.training and not in_backward()
-        aux, losses, counts_E = self._aux_losses(r, B, with_metrics=counting)
-        if counting:
-            dropped = 0 if keep_TK is None else (~keep_TK).sum()
-            self.load.update(counts_E, r.probs_TE, dropped, losses,
-                             count_for_bias=self.cfg.bias_update_rate > 0)
-        if self.trace is not None and not in_backward():
-            K = self.cfg.top_k
-            self.trace.record(self.layer_idx, r.topk_idx_TK.view(B, S, K),
-                              r.topk_weight_TK.view(B, S, K))
+        aux, losses = self._aux_losses(r, B)
+        self._monitor(r, keep_TK, losses, B, S)
         return y_TD.view(B, S, D), aux
 
     def _capacity_keep(self, r: RouterOutput) -> Tensor | None:
@@ -103,30 +94,52 @@ class MoELayer(nn.Module):
         return capacity_keep_mask(r.topk_idx_TK, r.topk_weight_TK, cap, self.cfg.num_experts,
                                   self.cfg.drop_policy)
 
-    def _aux_losses(self, r: RouterOutput, batch_size: int, with_metrics: bool):
-        """(weighted total, {name: raw loss}, local counts (E,)). Losses whose coefficient is 0
-        are computed without autograd, and only when metrics are being counted."""
+    def _loss_fns(self, r: RouterOutput, batch_size: int) -> dict:
+        """Raw (coefficient 1) balance losses, as thunks so unused ones cost nothing."""
         E = self.cfg.num_experts
-        counts_E = tokens_per_expert(r.topk_idx_TK, E)
-        fns = {
+        return {
             "lb_loss": lambda: switch_load_balancing_loss(
-                r.probs_TE, r.topk_idx_TK, E, counts_E=self._global_counts(counts_E)),
+                r.probs_TE, r.topk_idx_TK, E,
+                counts_E=self._global_counts(tokens_per_expert(r.topk_idx_TK, E))),
             "seq_aux_loss": lambda: sequence_balance_loss(r.probs_TE, r.topk_idx_TK, batch_size),
             "z_loss": lambda: router_z_loss(r.logits_TE),
         }
+
+    def _aux_losses(self, r: RouterOutput, batch_size: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """(sum of coefficient-weighted losses, {name: raw loss} of those with coefficient > 0)."""
         aux = r.logits_TE.new_zeros(())
         losses: dict[str, Tensor] = {}
-        for name, fn in fns.items():
+        for name, fn in self._loss_fns(r, batch_size).items():
             coef = getattr(self.cfg, _COEFS[name])
             if coef > 0:
                 losses[name] = fn()
                 aux = aux + coef * losses[name]
-            elif with_metrics:
-                with torch.no_grad():
+        losses["aux_loss"] = aux
+        return aux, losses
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _monitor(self, r: RouterOutput, keep_TK: Tensor | None, losses: dict[str, Tensor],
+                 B: int, S: int) -> None:
+        """Count load (training, outside backward) and write the routing trace when attached.
+
+        Skipped inside backward so activation-checkpoint recomputation never counts twice.
+        Losses whose coefficient is 0 are computed here, without autograd, for the metrics.
+        """
+        if in_backward():
+            return
+        if self.training:
+            for name, fn in self._loss_fns(r, B).items():
+                if name not in losses:
                     losses[name] = fn()
-        if with_metrics:
-            losses["aux_loss"] = aux.detach()
-        return aux, losses, counts_E
+            dropped = 0 if keep_TK is None else (~keep_TK).sum()
+            counts_E = tokens_per_expert(r.topk_idx_TK, self.cfg.num_experts)
+            self.load.update(counts_E, r.probs_TE, dropped, losses,
+                             count_for_bias=self.cfg.bias_update_rate > 0)
+        if self.trace is not None:
+            K = self.cfg.top_k
+            self.trace.record(self.layer_idx, r.topk_idx_TK.view(B, S, K),
+                              r.topk_weight_TK.view(B, S, K))
 
     def _global_counts(self, counts_E: Tensor) -> Tensor:
         if self.ep_group is None:
@@ -154,6 +167,14 @@ class MoELayer(nn.Module):
             dist.all_reduce(load_E, group=group)
         self.router.expert_bias.add_(rate * torch.sign(load_E.mean() - load_E))
         self.load.bias_load_E.zero_()
+
+    def load_full_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True):
+        """Load an unsharded state dict (all E experts) into this possibly expert-sharded layer,
+        keeping only this rank's experts [first_expert, first_expert + L)."""
+        lo = self.experts.first_expert
+        hi = lo + self.experts.num_local
+        local = {k: (v[lo:hi] if k.startswith("experts.w") else v) for k, v in state_dict.items()}
+        return self.load_state_dict(local, strict=strict)
 
     def attach_trace(self, writer: RoutingTraceWriter | None, layer_idx: int | None = None) -> None:
         """Record routing decisions of every forward to `writer` (None detaches)."""

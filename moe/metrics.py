@@ -13,6 +13,7 @@ from the summed `tokens_per_expert` with `load_stats`.
 from __future__ import annotations
 
 import torch
+from mmfm.moe.utils import restore_fp32_buffers
 from torch import Tensor, nn
 
 
@@ -65,10 +66,7 @@ class LoadMonitor(nn.Module):
     def _apply(self, fn, recurse=True):
         """Let `.to(device)` move the buffers but keep the float sums in fp32 under `.to(bf16)`."""
         super()._apply(fn, recurse)
-        for name in self._SUMS:
-            buf = getattr(self, f"sum_{name}")
-            if buf.dtype != torch.float32:
-                setattr(self, f"sum_{name}", buf.float())
+        restore_fp32_buffers(self, tuple(f"sum_{name}" for name in self._SUMS))
         return self
 
     @torch.no_grad()

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from mmfm.moe.config import MoEConfig
+from mmfm.moe.utils import restore_fp32_buffers
+from torch import Tensor, nn
 
 
 @dataclass
@@ -41,6 +41,12 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
         # Persistent: the aux-loss-free bias is training state and must be checkpointed.
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        """`.to(bf16)` must not round the bias (its steps are ~1e-3): keep it fp32."""
+        super()._apply(fn, recurse)
+        restore_fp32_buffers(self, ("expert_bias",))
+        return self
 
     def reset_parameters(self, init_std: float) -> None:
         nn.init.normal_(self.weight, std=init_std)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from mmfm.moe import MoEConfig, MoELayer
 
 
@@ -30,9 +29,13 @@ def _dense_reference(layer: MoELayer, x_BSD: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
-@pytest.mark.parametrize("shared", [0, 1])
-def test_dropless_equals_dense_reference(backend, shared):
-    layer = _layer(backend=backend, num_shared_experts=shared)
+@pytest.mark.parametrize("extra", [
+    {}, {"num_shared_experts": 2, "shared_expert_hidden": 8}, {"top_k": 1},
+    {"score_func": "sigmoid", "num_groups": 2, "topk_groups": 1},
+    {"renormalize": False, "expert_hidden": 4}, {"force_uniform": True},
+])
+def test_dropless_equals_dense_reference(backend, extra):
+    layer = _layer(backend=backend, **extra)
     x = torch.randn(2, 5, 8)
     y, aux = layer(x)
     torch.testing.assert_close(y, _dense_reference(layer, x))
@@ -43,3 +46,36 @@ def test_aux_zero_when_coefs_zero():
     layer = _layer(aux_loss_coef=0.0, z_loss_coef=0.0, seq_aux_loss_coef=0.0)
     _, aux = layer(torch.randn(2, 3, 8))
     assert aux.item() == 0.0
+
+
+def test_backends_equal_through_layer_forward_and_grads():
+    x = torch.randn(3, 4, 8)
+    results = []
+    for backend in ("loop", "grouped_mm"):
+        layer = _layer(backend=backend, seq_aux_loss_coef=0.1)
+        xi = x.clone().requires_grad_()
+        y, aux = layer(xi)
+        (y.square().sum() + aux).backward()
+        grads = [p.grad for p in layer.parameters()]
+        results.append((y, aux, xi.grad, grads))
+    (y0, a0, gx0, g0), (y1, a1, gx1, g1) = results
+    torch.testing.assert_close(y0, y1)
+    torch.testing.assert_close(a0, a1)
+    torch.testing.assert_close(gx0, gx1)
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_layer_runs_with_fp32_router_and_aux():
+    layer = _layer().to(torch.bfloat16)
+    y, aux = layer(torch.randn(2, 3, 8, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and aux.dtype == torch.float32
+
+
+def test_load_full_state_dict_roundtrip():
+    a, b = _layer(), _layer(num_shared_experts=0)
+    torch.manual_seed(5)
+    b.reset_parameters()
+    b.load_full_state_dict(a.state_dict())
+    x = torch.randn(1, 4, 8)
+    torch.testing.assert_close(a(x)[0], b(x)[0])
