@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.data.cli import register as register_data
 
     register_data(sub)
+    from mmfm.convert.cli import register as register_convert
+
+    register_convert(sub)
     return parser
 
 

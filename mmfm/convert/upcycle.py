@@ -1,0 +1,101 @@
+"""Sparse upcycling: initialize an MoE decoder from a dense one (Komatsuzaki et al. 2022;
+Megatron-Core's `upcycling_utils`).
+
+Embeddings, attention, norms and the LM head are copied; in every MoE layer each expert gets a
+copy of that layer's dense SwiGLU FFN (optionally plus independent Gaussian noise, to break
+the symmetry between experts); dense layers of the MoE config copy their FFN as is. The
+router starts random (N(0, init_std), seeded), so with `noise_std=0` every expert computes the
+same function and, when the chosen k gate weights sum to 1 (softmax or sigmoid scores with
+`renormalize: true`), the upcycled model computes exactly what the dense model did.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmfm.config import ModelConfig
+from mmfm.model import Decoder
+
+_SHARED_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                  "tie_embeddings")
+
+
+def check_upcyclable(dense_cfg: ModelConfig, moe_cfg: ModelConfig) -> None:
+    """Raise ValueError naming the first field that makes `moe_cfg` not an upcycle of
+    `dense_cfg` (shapes differ, expert width differs from the dense FFN width, ...)."""
+    if dense_cfg.moe is not None:
+        raise ValueError("dense model: model.moe must be null (the source must be dense)")
+    if moe_cfg.moe is None:
+        raise ValueError("model.moe is null: the upcycling target must be an MoE config")
+    moe_cfg.validate()
+    for name in _SHARED_FIELDS:
+        mine, theirs = getattr(moe_cfg, name), getattr(dense_cfg, name)
+        if mine != theirs:
+            raise ValueError(f"model.{name}={mine} differs from the dense model's {name}={theirs}")
+    expert_hidden = moe_cfg.moe.expert_hidden or moe_cfg.ffn_hidden
+    if expert_hidden != dense_cfg.ffn_hidden:
+        raise ValueError(
+            f"model.moe.expert_hidden={expert_hidden} must equal the dense model's "
+            f"ffn_hidden={dense_cfg.ffn_hidden} (each expert is a copy of the dense FFN)")
+    has_dense_layers = any(not moe_cfg.moe.is_moe_layer(i) for i in range(moe_cfg.n_layers))
+    if has_dense_layers and moe_cfg.ffn_hidden != dense_cfg.ffn_hidden:
+        raise ValueError(
+            f"model.ffn_hidden={moe_cfg.ffn_hidden} must equal the dense model's "
+            f"ffn_hidden={dense_cfg.ffn_hidden} (its dense layers copy the dense FFN)")
+    if moe_cfg.moe.num_shared_experts:
+        raise ValueError(
+            f"model.moe.num_shared_experts={moe_cfg.moe.num_shared_experts}: upcycling copies the "
+            "dense FFN into routed experts only; set it to 0")
+
+
+def _expert_copies(ffn_sd: dict[str, Tensor], num_experts: int, noise_std: float,
+                   gen: torch.Generator) -> dict[str, Tensor]:
+    """Stacked expert weights (E, D, F), (E, D, F), (E, F, D) from one dense SwiGLU's
+    nn.Linear weights w1 (F, D), w3 (F, D), w2 (D, F), each copy plus N(0, noise_std) noise."""
+    out = {}
+    for name in ("w1", "w3", "w2"):
+        w = ffn_sd[f"{name}.weight"].t().unsqueeze(0).repeat(num_experts, 1, 1)
+        if noise_std > 0:
+            noise = torch.randn(w.shape, generator=gen, dtype=torch.float32) * noise_std
+            w = w + noise.to(w.dtype)
+        out[f"experts.{name}"] = w
+    return out
+
+
+def _block_state(dense: Decoder, moe_model: Decoder, noise_std: float,
+                 gen: torch.Generator) -> dict[str, Tensor]:
+    """Everything but the routers: the dense model's tensors, FFNs expanded into experts."""
+    out = {}
+    for name, tensor in dense.state_dict().items():
+        if ".ffn." not in name:
+            out[name] = tensor
+    for dense_block, block in zip(dense.blocks, moe_model.blocks, strict=True):
+        prefix = f"blocks.{block.layer_idx}.ffn."
+        ffn_sd = dense_block.ffn.state_dict()
+        if block.is_moe:
+            copies = _expert_copies(ffn_sd, block.ffn.experts.num_local, noise_std, gen)
+            out.update({prefix + k: v for k, v in copies.items()})
+        else:
+            out.update({prefix + k: v for k, v in ffn_sd.items()})
+    return out
+
+
+def upcycle_dense_to_moe(dense_model: Decoder, moe_model_cfg: ModelConfig,
+                         noise_std: float = 0.0, seed: int = 0) -> Decoder:
+    """An MoE `Decoder` for `moe_model_cfg` initialized from `dense_model` (see module doc).
+
+    `seed` fixes the router init and the noise; `noise_std` is the standard deviation of the
+    additive Gaussian noise on every expert weight (0: exact copies)."""
+    if noise_std < 0:
+        raise ValueError(f"noise_std={noise_std} must be >= 0")
+    check_upcyclable(dense_model.cfg, moe_model_cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        moe_model = Decoder(moe_model_cfg).to(dense_model.embed.weight.dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    state = _block_state(dense_model, moe_model, noise_std, gen)
+    missing, unexpected = moe_model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert all(k.endswith(("router.weight", "router.expert_bias")) for k in missing), missing
+    return moe_model.train(dense_model.training)
