@@ -17,10 +17,11 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mmfm.encoders.config import MultimodalConfig
 from mmfm.moe.config import MoEConfig
 
 PRECISIONS = ("fp32", "bf16")
-DATA_KINDS = ("text",)  # which `mmfm.train.task` builds the model, data and loss
+DATA_KINDS = ("text", "multimodal")  # which `mmfm.train.task` builds the model, data and loss
 
 
 class ConfigError(ValueError):
@@ -179,6 +180,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    multimodal: MultimodalConfig | None = None  # interleaved text/image/audio (data.kind=multimodal)
 
     def validate(self) -> None:
         """Check every section and the rules that span sections, before any compute."""
@@ -190,6 +192,14 @@ class ExperimentConfig:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        if self.data.kind == "multimodal" and self.multimodal is None:
+            raise ConfigError("data.kind=multimodal needs a multimodal: section "
+                              "(see configs/mm_moe_tiny.yaml)")
+        if self.multimodal is not None:
+            try:
+                self.multimodal.validate("multimodal", self)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
