@@ -47,9 +47,13 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, h_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None):
+    def forward(self, h_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                modality_ids_BT: Tensor | None = None):
         h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), cos, sin, mask)
-        if self.is_moe:
+        if self.is_moe and getattr(self.ffn, "takes_modality_ids", False):
+            # Modality-aware experts (mmfm.moe.modality) route each token within its group.
+            ffn_out, aux = self.ffn(self.ffn_norm(h_BTD), modality_ids_BT)
+        elif self.is_moe:
             ffn_out, aux = self.ffn(self.ffn_norm(h_BTD))
         else:
             ffn_out, aux = self.ffn(self.ffn_norm(h_BTD)), h_BTD.new_zeros((), dtype=torch.float32)
@@ -90,9 +94,11 @@ class Decoder(nn.Module):
         self.norm.weight.data.fill_(1.0)
 
     def forward(self, input_ids_BT: Tensor, doc_ids_BT: Tensor | None = None,
-                inputs_embeds_BTD: Tensor | None = None) -> DecoderOutput:
+                inputs_embeds_BTD: Tensor | None = None,
+                modality_ids_BT: Tensor | None = None) -> DecoderOutput:
         """Logits for `input_ids_BT`; `inputs_embeds_BTD`, when given, replaces the token
-        embedding lookup (multimodal fusion scatters media embeddings into it first)."""
+        embedding lookup (multimodal fusion scatters media embeddings into it first);
+        `modality_ids_BT` (0 text, 1 image, 2 audio) reaches modality-aware MoE FFNs."""
         T = input_ids_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -101,7 +107,7 @@ class Decoder(nn.Module):
         h_BTD = self.embed(input_ids_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
         aux = h_BTD.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
-            h_BTD, block_aux = block(h_BTD, cos, sin, mask)
+            h_BTD, block_aux = block(h_BTD, cos, sin, mask, modality_ids_BT)
             aux = aux + block_aux
         return DecoderOutput(self.lm_head(self.norm(h_BTD)), aux)
 
