@@ -21,6 +21,7 @@ from mmfm.moe.losses import (
 from mmfm.moe.metrics import LoadMonitor, load_stats, router_entropy
 from mmfm.moe.router import Router, RouterOutput, mask_to_top_groups, round_robin_topk
 from mmfm.moe.trace import RoutingTraceWriter, read_trace
+from mmfm.moe.upcycle import upcycle_from_dense
 
 __all__ = [
     "AllToAllDispatcher", "BackendUnavailableError", "Experts", "LoadMonitor", "LocalDispatcher",
@@ -28,5 +29,5 @@ __all__ = [
     "SharedExperts", "all_to_all", "capacity_keep_mask", "check_backend_available",
     "expert_capacity", "load_stats", "mask_to_top_groups", "permute", "read_trace",
     "round_robin_topk", "router_entropy", "router_z_loss", "sequence_balance_loss",
-    "switch_load_balancing_loss", "tokens_per_expert", "unpermute",
+    "switch_load_balancing_loss", "tokens_per_expert", "unpermute", "upcycle_from_dense",
 ]

@@ -115,6 +115,10 @@ class AllToAllDispatcher:
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep
 
+    def __deepcopy__(self, memo) -> AllToAllDispatcher:
+        """Process groups cannot be copied; a copied layer shares its rank's group."""
+        return self
+
     def dispatch(self, x_TD: Tensor, topk_idx_TK: Tensor, keep_TK: Tensor | None = None):
         x_AD, local = permute(x_TD, topk_idx_TK, self.num_experts, keep_TK)
         send_PL = local.counts_E.view(self.ep, self.num_local)

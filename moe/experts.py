@@ -13,7 +13,8 @@ Backends (numerically equal, checked in tests):
   needs every row stride to be a multiple of 16 bytes (D and H divisible by 4 in fp32, by 8 in
   bf16) and its backward fails on a non-contiguous gradient, so we make the gradient
   contiguous. When strides are misaligned we fall back to `loop` for that call (documented,
-  not silent: see `grouped_mm_supported`).
+  not silent: see `grouped_mm_supported`). Under torch.compile grouped_mm's meta kernel accepts
+  only bf16/fp16, so compiled fp32 runs use `loop` too.
 - `megablocks`: grouped GEMM from MegaBlocks (`megablocks.grouped_gemm_util`), imported lazily.
   MegaBlocks needs CUDA to build and pins older torch versions, so it is never installed on
   CPU machines; selecting it without the package raises a clear error at config time.
@@ -56,18 +57,26 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def grouped_mm_supported(x_AD: Tensor, *weights: Tensor) -> bool:
-    """Whether grouped_mm's 16-byte row-stride rule holds for these operands."""
+    """Whether grouped_mm can take these operands: 16-byte row strides, and 16-bit floats when
+    traced by torch.compile (its meta kernel rejects fp32 although the eager CPU kernel runs)."""
+    if torch.compiler.is_compiling() and x_AD.dtype not in (torch.bfloat16, torch.float16):
+        return False
     size = x_AD.element_size()
     return all((w.shape[-1] * size) % 16 == 0 and (w.shape[-2] * size) % 16 == 0
                for w in weights)
 
 
 def swiglu_loop(x_AD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, counts_L: Tensor) -> Tensor:
-    """Reference: one dense SwiGLU per expert on its slice of rows."""
+    """Reference: one dense SwiGLU per expert on its slice of rows.
+
+    Weights are split with `unbind` (whose backward stacks the per-expert grads once) rather
+    than indexed `w[e]` (whose backward materializes a full (L, ...) zero grad per expert).
+    """
     outs = []
-    for e, x_aD in enumerate(x_AD.split(counts_L.tolist(), dim=0)):
-        h_aH = F.silu(x_aD @ w1[e]) * (x_aD @ w3[e])
-        outs.append(h_aH @ w2[e])
+    experts = zip(x_AD.split(counts_L.tolist(), dim=0), w1.unbind(0), w3.unbind(0), w2.unbind(0),
+                  strict=True)
+    for x_aD, w1_DH, w3_DH, w2_HD in experts:
+        outs.append((F.silu(x_aD @ w1_DH) * (x_aD @ w3_DH)) @ w2_HD)
     return torch.cat(outs, dim=0) if outs else x_AD.new_zeros(0, w2.shape[-1])
 
 
@@ -85,13 +94,20 @@ def swiglu_grouped_mm(x_AD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor,
 
 def swiglu_megablocks(x_AD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor,
                       counts_L: Tensor) -> Tensor:
-    """MegaBlocks' grouped GEMM (`gmm(a, b, batch_sizes)` with batch sizes on the CPU)."""
+    """MegaBlocks' grouped GEMM: `gmm(a (A, K), b (L, K, N), batch_sizes on the CPU)`.
+
+    Untested here (no CUDA machine): it follows grouped_gemm's documented contract, which wants
+    contiguous operands and int64 batch sizes on the host.
+    """
     check_backend_available("megablocks")
     from megablocks import grouped_gemm_util as gg  # lazy: CUDA-only package
 
-    sizes = counts_L.cpu()
+    if not gg.grouped_gemm_is_available():
+        raise BackendUnavailableError(MEGABLOCKS_MISSING.format(path="model.moe"))
+    sizes = counts_L.to("cpu", torch.int64)
+    x_AD = x_AD.contiguous()
     h_AH = F.silu(gg.ops.gmm(x_AD, w1, sizes)) * gg.ops.gmm(x_AD, w3, sizes)
-    return gg.ops.gmm(h_AH, w2, sizes)
+    return gg.ops.gmm(h_AH.contiguous(), w2, sizes)
 
 
 BACKENDS = {"loop": swiglu_loop, "grouped_mm": swiglu_grouped_mm, "megablocks": swiglu_megablocks}

@@ -43,7 +43,6 @@ class MoELayer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.init_std = init_std
-        self.ep_group = ep_group
         E = cfg.num_experts
         hidden = cfg.expert_hidden or default_expert_hidden
         self.router = Router(cfg, d_model)
@@ -142,10 +141,11 @@ class MoELayer(nn.Module):
                               r.topk_weight_TK.view(B, S, K))
 
     def _global_counts(self, counts_E: Tensor) -> Tensor:
-        if self.ep_group is None:
+        group = getattr(self.dispatcher, "group", None)
+        if group is None:
             return counts_E
         counts_E = counts_E.clone()
-        dist.all_reduce(counts_E, group=self.ep_group)
+        dist.all_reduce(counts_E, group=group)
         return counts_E
 
     def compute_metrics(self, reset: bool = True) -> dict[str, tuple[Tensor, str]]:

@@ -79,3 +79,15 @@ def test_load_full_state_dict_roundtrip():
     b.load_full_state_dict(a.state_dict())
     x = torch.randn(1, 4, 8)
     torch.testing.assert_close(a(x)[0], b(x)[0])
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_and_counts_once():
+    layer = _layer()
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    y0, a0 = layer(x)
+    y, a = torch.compile(layer, backend="aot_eager")(x)
+    (y.sum() + a).backward()
+    torch.testing.assert_close(y, y0)
+    torch.testing.assert_close(a, a0)
+    assert layer.compute_metrics()["tokens_per_expert"][0].sum().item() == 2 * 10 * 2
