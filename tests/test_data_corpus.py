@@ -85,16 +85,25 @@ def test_build_from_real_local_sources(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_caps_per_source(tmp_path):
+    m = build_corpus([stdlib_source(max_bytes=400_000)], tmp_path / "c", max_chars_per_source=50_000)
+    (entry,) = m["sources"]
+    assert 0 < entry["chars"]["train"] + entry["chars"]["val"] <= 50_000
+    m = build_corpus([stdlib_source(max_bytes=400_000)], tmp_path / "d", max_docs_per_source=3)
+    assert m["totals"]["train"]["docs"] + m["totals"]["val"]["docs"] == 3
+    assert (m["max_docs_per_source"], m["max_chars_per_source"]) == (3, None)
+
+
 @pytest.mark.skipif(not LICENSES.is_dir(), reason="no /usr/share/common-licenses here")
 def test_symlinked_licences_are_read_once(tmp_path):
     (src,) = [s for s in boilerplate_sources([]) if s.name == "common_licenses"]
-    ids = [d["id"] for d in src.docs()]
+    ids = [d["id"] for d in src.docs(src.stats)]
     real = {p.resolve() for p in LICENSES.iterdir() if p.is_file()}
     assert len(ids) == len(set(ids)) == len(real)
 
 
 def test_failing_source_is_reported_and_nothing_left_is_an_error(tmp_path):
-    def broken():
+    def broken(stats):
         raise ValueError("data path does not exist: /nowhere")
         yield  # pragma: no cover
 
