@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import ROOT, tiny_config, tiny_overrides
+
 from mmfm.cli import main
 from mmfm.train import CheckpointError, Trainer
 
