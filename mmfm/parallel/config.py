@@ -1,0 +1,198 @@
+"""`parallel:` section of the experiment config: the layout of a distributed run.
+
+The world is `pp × dp × tp` processes. Expert parallelism does not add processes: the `ep`
+ranks that shard each MoE layer's experts are drawn from the data-parallel ranks (torchtitan's
+dp2ep, Megatron's expert-data-parallel groups), so `ep` must divide `dp`. Every rule is checked
+before any compute and a violation raises a `ValueError` naming the fields and their values.
+Plain values only: the process groups live in `mmfm.parallel.mesh.ParallelDims`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+ENGINES = ("ddp", "fsdp", "deepspeed")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+# ZeRO stages each engine can express, and the one it uses when `zero_stage` is null.
+ENGINE_STAGES = {"ddp": (0,), "fsdp": (2, 3), "deepspeed": (0, 1, 2, 3)}
+DEFAULT_STAGE = {"ddp": 0, "fsdp": 3, "deepspeed": 2}
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How one training run is laid out over processes."""
+
+    dp: int | None = None  # data-parallel replicas; null = world size / (tp × pp)
+    tp: int = 1  # tensor parallel (attention heads and FFN columns)
+    pp: int = 1  # pipeline stages
+    ep: int = 1  # expert parallel, drawn from the dp ranks (ep divides dp)
+    # ddp: replicated weights, gradients all-reduced (ZeRO-0). fsdp: PyTorch FSDP2 fully_shard
+    # (zero_stage 2 keeps weights gathered between forward and backward, 3 re-shards them).
+    # deepspeed: DeepSpeed ZeRO stage 0-3 (data and expert parallel only).
+    engine: str = "fsdp"
+    zero_stage: int | None = None
+    microbatches: int = 1  # pipeline micro-batches per optimizer step (pp > 1)
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 1  # stages per pipeline rank (interleaved_1f1b needs >= 2)
+    pp_split: list[int] | None = None  # decoder layers per stage; null = even split
+    activation_checkpointing: bool = False  # recompute each block in backward
+    compile: bool = False  # torch.compile each block
+    timeout_s: float = 300.0  # collective timeout
+    rank_timeout_s: float = 60.0  # a rank silent this long is reported dead (0 disables)
+    # Resume a checkpoint written with another dp: restart data order instead of failing.
+    reshard_loader: bool = False
+
+    @property
+    def stage(self) -> int:
+        """The ZeRO stage in effect (the engine's default when `zero_stage` is null)."""
+        return DEFAULT_STAGE[self.engine] if self.zero_stage is None else self.zero_stage
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.pp_virtual_stages
+
+    def resolved_dp(self, world_size: int) -> int:
+        return self.dp if self.dp is not None else max(1, world_size // (self.tp * self.pp))
+
+    def world_size(self) -> int | None:
+        """Processes this layout needs, when `dp` is given."""
+        return None if self.dp is None else self.dp * self.tp * self.pp
+
+    def is_trivial(self) -> bool:
+        return (self.dp in (None, 1)) and self.tp == self.pp == 1
+
+    def validate(self, path: str = "parallel", model_cfg=None, world_size: int | None = None,
+                 train_cfg=None) -> None:
+        """Raise ValueError naming the first field that does not fit; `world_size`, the model
+        and the train config are checked when given."""
+        self._validate_own(path)
+        if model_cfg is not None:
+            self._validate_model(path, model_cfg)
+        if world_size is not None:
+            self._validate_world(path, world_size)
+        if train_cfg is not None and self.pp > 1:
+            rows = train_cfg.micro_batch_size * train_cfg.grad_accum
+            if rows % self.microbatches:
+                raise ValueError(
+                    f"{path}.microbatches={self.microbatches} does not divide the "
+                    f"{rows} rows per step (train.micro_batch_size={train_cfg.micro_batch_size}"
+                    f" × train.grad_accum={train_cfg.grad_accum})")
+
+    def _validate_own(self, path: str) -> None:
+        for name in ("tp", "pp", "ep", "microbatches", "pp_virtual_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{path}.{name}={getattr(self, name)} must be >= 1")
+        if self.dp is not None and self.dp < 1:
+            raise ValueError(f"{path}.dp={self.dp} must be >= 1 (or null for the rest of the world)")
+        if self.engine not in ENGINES:
+            raise ValueError(f"{path}.engine={self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+            raise ValueError(f"{path}.engine=deepspeed needs the deepspeed package, which is not "
+                             f"installed: `pip install deepspeed`, or set {path}.engine=fsdp")
+        if self.stage not in ENGINE_STAGES[self.engine]:
+            allowed = ", ".join(map(str, ENGINE_STAGES[self.engine]))
+            hint = " (FSDP2 always shards gradients; ZeRO-1 needs parallel.engine=deepspeed)" \
+                if self.engine == "fsdp" else ""
+            raise ValueError(f"{path}.zero_stage={self.zero_stage} is not available with "
+                             f"{path}.engine={self.engine} (allowed: {allowed}){hint}")
+        if self.engine == "deepspeed":
+            self._validate_deepspeed(path)
+        self._validate_pipeline(path)
+        for name in ("timeout_s", "rank_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{path}.{name}={getattr(self, name)} must be >= 0")
+
+    def _validate_deepspeed(self, path: str) -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) > 1:
+                raise ValueError(
+                    f"{path}.engine=deepspeed composes with data and expert parallelism only, "
+                    f"not {path}.{name}={getattr(self, name)}; use {path}.engine=fsdp (or ddp) "
+                    f"for tensor and pipeline layouts")
+        if self.stage == 3 and self.ep > 1:
+            raise ValueError(
+                f"{path}.engine=deepspeed with {path}.zero_stage=3 cannot shard expert-parallel "
+                f"experts ({path}.ep={self.ep}): DeepSpeed ZeRO-3 partitions every weight over "
+                f"all data-parallel ranks; use {path}.engine=fsdp (shards experts over their "
+                f"expert-data-parallel ranks), or {path}.zero_stage<=2, or {path}.ep=1")
+
+    def _validate_pipeline(self, path: str) -> None:
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ValueError(
+                f"{path}.pp_schedule={self.pp_schedule!r} is not one of {', '.join(PP_SCHEDULES)}")
+        if self.pp == 1:
+            return
+        interleaved = self.pp_schedule == "interleaved_1f1b"
+        if interleaved and self.pp_virtual_stages < 2:
+            raise ValueError(f"{path}.pp_schedule=interleaved_1f1b needs "
+                             f"{path}.pp_virtual_stages >= 2 (got {self.pp_virtual_stages})")
+        if not interleaved and self.pp_virtual_stages != 1:
+            raise ValueError(f"{path}.pp_virtual_stages={self.pp_virtual_stages} needs "
+                             f"{path}.pp_schedule=interleaved_1f1b")
+        if interleaved and self.microbatches % self.pp:
+            raise ValueError(f"{path}.pp_schedule=interleaved_1f1b needs {path}.microbatches="
+                             f"{self.microbatches} to be a multiple of {path}.pp={self.pp}")
+
+    def _validate_model(self, path: str, model_cfg) -> None:
+        m = "model"
+        if self.tp > 1:
+            for name in ("n_heads", "n_kv_heads", "ffn_hidden"):
+                value = getattr(model_cfg, name)
+                if value % self.tp:
+                    raise ValueError(f"{path}.tp={self.tp} does not divide {m}.{name}={value}")
+            moe = model_cfg.moe
+            if moe is not None and moe.num_shared_experts:
+                shared = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden
+                                                   or model_cfg.ffn_hidden)
+                if shared % self.tp:
+                    raise ValueError(f"{path}.tp={self.tp} does not divide the shared-expert "
+                                     f"hidden size {shared} ({m}.moe.num_shared_experts × "
+                                     f"{m}.moe.shared_expert_hidden)")
+        if self.ep > 1:
+            if model_cfg.moe is None:
+                raise ValueError(f"{path}.ep={self.ep} needs an MoE model, but {m}.moe is null")
+            if model_cfg.moe.num_experts % self.ep:
+                raise ValueError(f"{path}.ep={self.ep} does not divide "
+                                 f"{m}.moe.num_experts={model_cfg.moe.num_experts}")
+        self._validate_split(path, model_cfg.n_layers)
+
+    def _validate_split(self, path: str, n_layers: int) -> None:
+        stages = self.num_stages
+        if stages == 1:
+            if self.pp_split is not None and list(self.pp_split) != [n_layers]:
+                raise ValueError(f"{path}.pp_split={list(self.pp_split)} is set but {path}.pp=1")
+            return
+        if self.pp_split is None:
+            if n_layers % stages:
+                raise ValueError(
+                    f"{path}.pp={self.pp} × {path}.pp_virtual_stages={self.pp_virtual_stages} = "
+                    f"{stages} stages do not divide model.n_layers={n_layers}; give "
+                    f"{path}.pp_split (layers per stage)")
+            return
+        split = list(self.pp_split)
+        if len(split) != stages or any(n < 1 for n in split) or sum(split) != n_layers:
+            raise ValueError(
+                f"{path}.pp_split={split} must list {stages} positive layer counts summing to "
+                f"model.n_layers={n_layers}")
+
+    def _validate_world(self, path: str, world_size: int) -> None:
+        dp = self.resolved_dp(world_size)
+        if dp * self.tp * self.pp != world_size:
+            raise ValueError(
+                f"{path}.dp={dp} × {path}.tp={self.tp} × {path}.pp={self.pp} = "
+                f"{dp * self.tp * self.pp} does not equal the world size {world_size} "
+                f"(processes launched)")
+        if dp % self.ep:
+            raise ValueError(f"{path}.ep={self.ep} does not divide {path}.dp={dp}: expert-parallel "
+                             f"ranks are drawn from the data-parallel ranks")
+
+    def stage_layers(self, n_layers: int) -> list[list[int]]:
+        """Decoder layer indices of each pipeline stage, in stage order."""
+        stages = self.num_stages
+        split = list(self.pp_split) if self.pp_split else [n_layers // stages] * stages
+        out, start = [], 0
+        for n in split:
+            out.append(list(range(start, start + n)))
+            start += n
+        return out
