@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mmfm.encoders.config import MultimodalConfig
 from mmfm.moe.config import MoEConfig
+from mmfm.parallel.config import ParallelConfig
 
 PRECISIONS = ("fp32", "bf16")
 DATA_KINDS = ("text", "multimodal")  # which `mmfm.train.task` builds the model, data and loss
@@ -181,6 +182,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     multimodal: MultimodalConfig | None = None  # interleaved text/image/audio (data.kind=multimodal)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # distributed layout
 
     def validate(self) -> None:
         """Check every section and the rules that span sections, before any compute."""
@@ -188,6 +190,10 @@ class ExperimentConfig:
         self.data.validate()
         self.train.validate()
         self.metrics.validate()
+        try:  # the world size is checked again at launch, when it is known
+            self.parallel.validate("parallel", self.model, train_cfg=self.train)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
