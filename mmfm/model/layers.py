@@ -68,9 +68,10 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # -1 heads: under tensor parallelism wq/wk/wv hold only this rank's heads (H/tp, K/tp).
+        q = self.wq(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_heads != self.n_kv_heads
         if mask is None:
