@@ -78,7 +78,6 @@ class EncoderConfig:
 class SourceConfig:
     """One shard set (written by `mmfm data shards --multimodal`) and its mixture weight."""
 
-    name: str
     train: str  # directory with index.json and the train shards
     val: str | None = None  # its validation shards (optional)
     weight: float = 1.0
@@ -88,7 +87,8 @@ class SourceConfig:
 class MultimodalConfig:
     """The multimodal job: where interleaved shards are, how media become decoder inputs."""
 
-    sources: list[SourceConfig] = field(default_factory=list)
+    # name -> shard set; a dict, so `multimodal.sources.images.weight=2` overrides one.
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
     image: EncoderConfig | None = field(default_factory=lambda: EncoderConfig(kind="patch"))
     audio: EncoderConfig | None = field(default_factory=lambda: EncoderConfig(kind="whisper"))
     shuffle_buffer: int = 64  # documents held per source for shuffling (1 = no shuffle)
@@ -117,12 +117,11 @@ class MultimodalConfig:
             self._validate_routing(path, exp.model)
 
     def _validate_sources(self, path: str) -> None:
-        names = [s.name for s in self.sources]
-        if len(set(names)) != len(names):
-            raise ValueError(f"{path}.sources has duplicate names: {names}")
-        for i, src in enumerate(self.sources):
+        for name, src in self.sources.items():
             if src.weight <= 0:
-                raise ValueError(f"{path}.sources[{i}].weight={src.weight} must be > 0")
+                raise ValueError(f"{path}.sources.{name}.weight={src.weight} must be > 0")
+            if not src.train:
+                raise ValueError(f"{path}.sources.{name}.train is empty")
 
     def _validate_routing(self, path: str, model: Any) -> None:
         if self.moe_routing == "shared":
@@ -133,6 +132,11 @@ class MultimodalConfig:
         if unknown or "text" not in self.modality_experts:
             raise ValueError(f"{path}.modality_experts={dict(self.modality_experts)} must name a "
                              f"'text' group and only modalities in {', '.join(MODALITIES)}")
+        total = sum(self.modality_experts.values())
+        if total != model.moe.num_experts:
+            raise ValueError(f"{path}.modality_experts={dict(self.modality_experts)} hold {total} "
+                             f"experts but model.moe.num_experts={model.moe.num_experts} (the "
+                             "groups partition the experts, so parameter counts stay true)")
         for modality, n in self.modality_experts.items():
             if n < model.moe.top_k:
                 raise ValueError(f"{path}.modality_experts.{modality}={n} is smaller than "
