@@ -43,7 +43,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None) -> int:
                  f"data.train_shards={shards / 'train'}", f"data.val_shards={shards / 'val'}",
                  f"data.tokenizer={tokenizer}"]
     if steps is not None:
-        overrides.append(f"train.steps={steps}")
+        overrides += [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
+                      f"train.eval_every={max(1, steps // 3)}", f"train.ckpt_every={max(1, steps // 3)}"]
     cfg = load_config(None, overrides)
     print(f"[demo] train: {cfg.train.steps} steps of the embedded default MoE model "
           f"({cfg.model.moe.num_experts} experts, top-{cfg.model.moe.top_k}, {cfg.train.precision})")
