@@ -14,12 +14,12 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from mmfm.moe import MoEConfig, switch_load_balancing_loss  # noqa: E402
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
 
 from mmfm.config import ModelConfig  # noqa: E402
 from mmfm.convert.hf import export_hf, from_hf_config, import_hf, to_hf_config  # noqa: E402
+from mmfm.moe import MoEConfig, switch_load_balancing_loss  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 L, E, K, V = 2, 4, 2, 128

@@ -7,12 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from mmfm.moe import MoEConfig
 
 from mmfm.cli import main
 from mmfm.config import ExperimentConfig, ModelConfig
 from mmfm.convert.cli import load_model_dir, write_model_dir
 from mmfm.convert.upcycle import upcycle_dense_to_moe
+from mmfm.moe import MoEConfig
 
 V = 96
 
