@@ -2,8 +2,9 @@
 Megatron-Core's `upcycling_utils`).
 
 Embeddings, attention, norms and the LM head are copied; in every MoE layer each expert gets a
-copy of that layer's dense SwiGLU FFN (optionally plus independent Gaussian noise, to break
-the symmetry between experts); dense layers of the MoE config copy their FFN as is. The
+copy of that layer's dense SwiGLU FFN, optionally plus independent Gaussian noise to break the
+symmetry between experts (`mmfm.moe.upcycle.upcycle_from_dense` does the per-layer copy);
+dense layers of the MoE config copy their FFN as is. The
 router starts random (N(0, init_std), seeded), so with `noise_std=0` every expert computes the
 same function and, when the chosen k gate weights sum to 1 (softmax or sigmoid scores with
 `renormalize: true`), the upcycled model computes exactly what the dense model did.
@@ -12,10 +13,10 @@ same function and, when the chosen k gate weights sum to 1 (softmax or sigmoid s
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from mmfm.config import ModelConfig
 from mmfm.model import Decoder
+from mmfm.moe.upcycle import upcycle_from_dense
 
 _SHARED_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                   "tie_embeddings")
@@ -49,36 +50,13 @@ def check_upcyclable(dense_cfg: ModelConfig, moe_cfg: ModelConfig) -> None:
             "dense FFN into routed experts only; set it to 0")
 
 
-def _expert_copies(ffn_sd: dict[str, Tensor], num_experts: int, noise_std: float,
-                   gen: torch.Generator) -> dict[str, Tensor]:
-    """Stacked expert weights (E, D, F), (E, D, F), (E, F, D) from one dense SwiGLU's
-    nn.Linear weights w1 (F, D), w3 (F, D), w2 (D, F), each copy plus N(0, noise_std) noise."""
-    out = {}
-    for name in ("w1", "w3", "w2"):
-        w = ffn_sd[f"{name}.weight"].t().unsqueeze(0).repeat(num_experts, 1, 1)
-        if noise_std > 0:
-            noise = torch.randn(w.shape, generator=gen, dtype=torch.float32) * noise_std
-            w = w + noise.to(w.dtype)
-        out[f"experts.{name}"] = w
-    return out
-
-
-def _block_state(dense: Decoder, moe_model: Decoder, noise_std: float,
-                 gen: torch.Generator) -> dict[str, Tensor]:
-    """Everything but the routers: the dense model's tensors, FFNs expanded into experts."""
-    out = {}
-    for name, tensor in dense.state_dict().items():
-        if ".ffn." not in name:
-            out[name] = tensor
-    for dense_block, block in zip(dense.blocks, moe_model.blocks, strict=True):
-        prefix = f"blocks.{block.layer_idx}.ffn."
-        ffn_sd = dense_block.ffn.state_dict()
-        if block.is_moe:
-            copies = _expert_copies(ffn_sd, block.ffn.experts.num_local, noise_std, gen)
-            out.update({prefix + k: v for k, v in copies.items()})
-        else:
-            out.update({prefix + k: v for k, v in ffn_sd.items()})
-    return out
+def _copy_non_moe_state(dense: Decoder, moe_model: Decoder) -> None:
+    """Load everything but the MoE FFNs: embeddings, attention, norms, LM head, dense FFNs."""
+    moe_ffns = tuple(f"blocks.{idx}.ffn." for idx, _ in moe_model.moe_layers())
+    state = {k: v for k, v in dense.state_dict().items() if not k.startswith(moe_ffns)}
+    missing, unexpected = moe_model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert all(k.startswith(moe_ffns) for k in missing), missing
 
 
 def upcycle_dense_to_moe(dense_model: Decoder, moe_model_cfg: ModelConfig,
@@ -93,9 +71,8 @@ def upcycle_dense_to_moe(dense_model: Decoder, moe_model_cfg: ModelConfig,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         moe_model = Decoder(moe_model_cfg).to(dense_model.embed.weight.dtype)
+    _copy_non_moe_state(dense_model, moe_model)
     gen = torch.Generator().manual_seed(seed + 1)
-    state = _block_state(dense_model, moe_model, noise_std, gen)
-    missing, unexpected = moe_model.load_state_dict(state, strict=False)
-    assert not unexpected, unexpected
-    assert all(k.endswith(("router.weight", "router.expert_bias")) for k in missing), missing
+    for idx, layer in moe_model.moe_layers():
+        upcycle_from_dense(layer, dense_model.blocks[idx].ffn, noise_std, generator=gen)
     return moe_model.train(dense_model.training)
