@@ -1,0 +1,105 @@
+"""The interleaved multimodal job as a `Task`: model = decoder + encoders (fusion), data =
+multimodal shard sets (mixture), loss = next-token loss on text targets with a breakdown
+by target group (text, image-conditioned text, audio-conditioned text).
+
+Shape legend: B batch, T sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfm.data.mm_loader import MMLoader, iter_mm_eval_batches
+from mmfm.data.mm_pack import IGNORE_INDEX, MMBatch
+from mmfm.data.tokenizer import AUDIO, IMAGE, load_tokenizer, special_token_ids
+from mmfm.encoders.config import MODALITIES
+from mmfm.encoders.projector import Projector
+from mmfm.encoders.registry import default_registry
+from mmfm.model.decoder import Decoder
+from mmfm.model.fusion import EncoderSlot, MultimodalModel, install_modality_moe
+from mmfm.train.task import LossOutput
+
+
+class MultimodalTask:
+    """Interleaved text/image/audio pretraining (``data.kind=multimodal``)."""
+
+    def __init__(self, cfg) -> None:
+        if cfg.multimodal is None:
+            raise ValueError("data.kind=multimodal needs a multimodal: section")
+        self.cfg, self.mm = cfg, cfg.multimodal
+        self.loader: MMLoader | None = None
+
+    def build_model(self) -> MultimodalModel:
+        """Decoder (with modality-aware MoE FFNs) + one encoder slot per configured modality."""
+        model_cfg = self.cfg.model
+        decoder = Decoder(model_cfg)
+        install_modality_moe(decoder, self.mm.moe_routing, dict(self.mm.modality_experts))
+        registry = default_registry()
+        slots = {}
+        for modality, enc_cfg in self.mm.encoders().items():
+            encoder = registry.build(enc_cfg.kind, cfg=enc_cfg)
+            projector = Projector(enc_cfg.projector, encoder.out_dim, model_cfg.d_model)
+            slots[modality] = EncoderSlot(encoder, projector, enc_cfg.train_mode,
+                                          enc_cfg.unfreeze_after_steps)
+        ids = special_token_ids(load_tokenizer(self.cfg.data.tokenizer))
+        return MultimodalModel(decoder, slots, {"image": ids[IMAGE], "audio": ids[AUDIO]},
+                               grad_accum=self.cfg.train.grad_accum)
+
+    def train_loader(self, rank: int = 0, world_size: int = 1) -> MMLoader:
+        """The training loader, after checking the sources, tokenizer and validation data."""
+        dcfg = self.cfg.data
+        sources = [(name, s.train, s.weight) for name, s in self.mm.sources.items()]
+        self.loader = MMLoader(
+            sources, dcfg.tokenizer, dcfg.seq_len, self.cfg.train.micro_batch_size,
+            self.mm.encoders(), rank=rank, world_size=world_size, num_workers=dcfg.num_workers,
+            seed=self.cfg.run.seed, shuffle_buffer=self.mm.shuffle_buffer, strict=self.mm.strict,
+            loss_on_markers=self.mm.loss_on_markers, vocab_size=self.cfg.model.vocab_size)
+        next(self._eval_iter(1), None)
+        return self.loader
+
+    def eval_batches(self) -> Iterator[MMBatch]:
+        return self._eval_iter(self.cfg.train.eval_batches)
+
+    def _eval_iter(self, max_batches: int) -> Iterator[MMBatch]:
+        val = [(name, s.val) for name, s in self.mm.sources.items() if s.val]
+        if not val:
+            raise ValueError("no validation data: set multimodal.sources[*].val")
+        return iter_mm_eval_batches(val, self.cfg.data.tokenizer, self.cfg.data.seq_len,
+                                    self.cfg.train.micro_batch_size, self.mm.encoders(),
+                                    max_batches, strict=self.mm.strict,
+                                    loss_on_markers=self.mm.loss_on_markers)
+
+    def loss(self, model: nn.Module, batch: MMBatch) -> LossOutput:
+        """Mean next-token loss over text targets, plus `loss/<group>` and `targets/<group>`
+        for each target group present, media counts and skipped-sample counts."""
+        doc_ids = batch.doc_ids if self.cfg.data.document_mask else None
+        out = model(batch.input_ids, doc_ids, batch.media)
+        if model.training:
+            model.count_micro_batch()
+        ce_BT = F.cross_entropy(out.logits.float().flatten(0, 1), batch.labels.flatten(),
+                                ignore_index=IGNORE_INDEX, reduction="none").view_as(batch.labels)
+        target_BT = batch.labels != IGNORE_INDEX
+        num_targets = int(target_BT.sum())
+        lm = ce_BT.sum() / max(1, num_targets)
+        return LossOutput(lm, out.aux_loss, num_targets, self._metrics(ce_BT, target_BT, batch))
+
+    def _metrics(self, ce_BT: torch.Tensor, target_BT: torch.Tensor,
+                 batch: MMBatch) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for g, name in enumerate(MODALITIES):
+            mask_BT = target_BT & (batch.target_groups == g)
+            count = int(mask_BT.sum())
+            if count:
+                metrics[f"loss/{name}"] = float(ce_BT.detach()[mask_BT].mean())
+                metrics[f"targets/{name}"] = float(count)
+        for modality, items in batch.media.items():
+            metrics[f"media/{modality}_items"] = float(len(items))
+            metrics[f"media/{modality}_tokens"] = float(items.num_tokens.sum())
+        if self.loader is not None:
+            for reason, n in self.loader.skipped.items():
+                metrics[f"data/skipped_{reason}"] = float(n)
+        return metrics
