@@ -75,7 +75,13 @@ class TextTask:
         return LossOutput(lm_loss(out.logits, batch.labels), out.aux_loss, num_targets)
 
 
-TASKS = {"text": TextTask}
+def _multimodal_task(cfg) -> Task:
+    from mmfm.train.multimodal import MultimodalTask  # encoders, torchaudio, open_clip: lazy
+
+    return MultimodalTask(cfg)
+
+
+TASKS = {"text": TextTask, "multimodal": _multimodal_task}
 
 
 def build_task(cfg) -> Task:
