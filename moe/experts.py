@@ -137,6 +137,11 @@ class Experts(nn.Module):
 
     def forward(self, x_AD: Tensor, counts_L: Tensor) -> Tensor:
         """Rows grouped by expert (counts_L rows each, in order) -> (A, D) expert outputs."""
+        device = x_AD.device.type
+        if torch.is_autocast_enabled(device):
+            # Autocast casts only the ops on its list; grouped_mm is not on the CPU one, so
+            # without this the experts would run in fp32 while the dense twin runs in bf16.
+            x_AD = x_AD.to(torch.get_autocast_dtype(device))
         return BACKENDS[self.backend](x_AD, self.w1, self.w3, self.w2, counts_L)
 
 

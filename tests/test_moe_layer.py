@@ -91,3 +91,16 @@ def test_torch_compile_matches_eager_and_counts_once():
     torch.testing.assert_close(y, y0)
     torch.testing.assert_close(a, a0)
     assert layer.compute_metrics()["tokens_per_expert"][0].sum().item() == 2 * 10 * 2
+
+
+def test_experts_run_in_the_autocast_dtype():
+    """Under CPU bf16 autocast the experts compute in bf16 like the dense FFN, for every backend
+    (grouped_mm is not on autocast's cast list, so the layer casts itself)."""
+    from mmfm.moe.experts import Experts
+
+    for backend in ("loop", "grouped_mm"):
+        experts = Experts(2, 16, 32, backend)
+        experts.reset_parameters(0.02)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = experts(torch.randn(6, 16), torch.tensor([2, 4]))
+        assert out.dtype == torch.bfloat16, backend
