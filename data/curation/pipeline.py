@@ -1,0 +1,184 @@
+"""`curate(recipe)`: run a recipe end to end, resuming whatever a previous run finished.
+
+Three stages (see their modules):
+
+1. :mod:`~mmfm.data.curation.process` -- per-shard read / normalize / filter / hash, as
+   ``tasks`` independent tasks run by a datatrove executor: ``LocalPipelineExecutor`` (one
+   process when ``workers: 1``, a process pool otherwise), ``SlurmPipelineExecutor`` or
+   ``RayPipelineExecutor`` with the same task function;
+2. :mod:`~mmfm.data.curation.dedup` -- exact + MinHash-LSH dedup across sources (one process,
+   reads only hashes and signatures);
+3. :mod:`~mmfm.data.curation.mixture` -- curated files, tokenizer, mixture, train/val corpus,
+   then the report.
+
+Restart: every task and stage writes its result under a temp name and renames it when done;
+a rerun skips what exists. ``WORK/plan.json`` records the recipe fingerprint and task count:
+if either changed, the old work directory no longer describes this recipe and is cleared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import redirect_stderr
+from pathlib import Path
+from typing import Any
+
+from mmfm.data.curation.dedup import run_dedup
+from mmfm.data.curation.mixture import (
+    count_tokens,
+    get_tokenizer,
+    plan_mixture,
+    tokenizer_report,
+    write_curated,
+    write_mixture,
+)
+from mmfm.data.curation.process import run_process_task, task_done
+from mmfm.data.curation.recipe import Recipe, recipe_from_dict
+from mmfm.data.curation.report import build_report, merge_task_stats, write_report
+
+DEFAULT_CACHE = Path.home() / ".cache" / "mmfm" / "packages"
+
+
+class ProcessTask:
+    """The stage-1 task as a datatrove pipeline step: ``(data, rank, world_size)``.
+
+    Holds the recipe as a plain dict so it pickles to worker processes and cluster jobs."""
+
+    def __init__(self, recipe: Recipe, cache_dir: Path):
+        self.recipe_dict = recipe.to_dict()
+        self.cache_dir = str(cache_dir)
+
+    def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
+        recipe = recipe_from_dict(self.recipe_dict, where="<task>")
+        run_process_task(recipe, rank, world_size, Path(self.cache_dir))
+
+
+def prepare_work_dir(recipe: Recipe, fresh: bool = False) -> Path:
+    """Create (or validate, or clear) the work directory; returns it."""
+    work = recipe.work_path()
+    plan = {"fingerprint": recipe.fingerprint(), "tasks": recipe.num_tasks()}
+    plan_path = work / "plan.json"
+    if work.exists() and (fresh or not plan_path.is_file()
+                          or json.loads(plan_path.read_text()) != plan):
+        if not fresh and plan_path.is_file():
+            print(f"recipe or task count changed since the last run in {work}: starting over",
+                  file=sys.stderr)
+        shutil.rmtree(work)
+        _clear_outputs(Path(recipe.output))
+    work.mkdir(parents=True, exist_ok=True)
+    plan_path.write_text(json.dumps(plan))
+    return work
+
+
+def _clear_outputs(out: Path) -> None:
+    shutil.rmtree(out / "curated", ignore_errors=True)
+    for name in ("tokenizer.json", "manifest.json", "train.jsonl", "val.jsonl", "report.json",
+                 "report.md", "report.html"):
+        (out / name).unlink(missing_ok=True)
+
+
+def make_executor(recipe: Recipe, task: ProcessTask, logging_dir: Path) -> Any:
+    """The datatrove executor the recipe asks for, running `task` on every shard."""
+    ex = recipe.executor
+    common = {"pipeline": [task], "tasks": recipe.num_tasks(), "logging_dir": str(logging_dir)}
+    if ex.kind == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        # fork: workers inherit the parent's imports instead of re-importing (2-3 s each).
+        return LocalPipelineExecutor(**common, workers=ex.workers, start_method="fork")
+    if ex.kind == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        opts = {"time": "04:00:00", "partition": "cpu", "job_name": f"curate-{recipe.name}",
+                "cpus_per_task": 1, "mem_per_cpu_gb": 4, **ex.slurm}
+        return SlurmPipelineExecutor(**common, **opts)
+    from datatrove.executor import RayPipelineExecutor  # needs `pip install ray`
+
+    return RayPipelineExecutor(**common, **ex.ray)
+
+
+def run_processing(recipe: Recipe, cache_dir: Path) -> list[dict[str, Any]] | None:
+    """Run stage 1 on the recipe's executor; None when a cluster job was only submitted."""
+    work = recipe.work_path()
+    world = recipe.num_tasks()
+    if not all(task_done(work, r) for r in range(world)):
+        executor = make_executor(recipe, ProcessTask(recipe, cache_dir), work / "logs")
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        # datatrove logs each task's start, pipeline and stats to stderr: keep them in a file.
+        with open(work / "logs" / "executor.log", "a") as log, redirect_stderr(log):
+            executor.run()
+        if not all(task_done(work, r) for r in range(world)):
+            if recipe.executor.kind == "local":
+                missing = [r for r in range(world) if not task_done(work, r)]
+                raise RuntimeError(f"curation tasks {missing} failed; see {work / 'logs'}")
+            return None
+    return [json.loads((work / "process" / f"{r:05d}.stats.json").read_text())
+            for r in range(world)]
+
+
+def curate(recipe: Recipe, *, cache_dir: Path = DEFAULT_CACHE, fresh: bool = False
+           ) -> dict[str, Any] | None:
+    """Run `recipe`; returns the report (None if stage 1 was submitted to a cluster)."""
+    out = Path(recipe.output)
+    prepare_work_dir(recipe, fresh)
+    done = out / "report.json"
+    if done.is_file() and (out / "manifest.json").is_file():
+        report = json.loads(done.read_text(encoding="utf-8"))
+        if report.get("fingerprint") == recipe.fingerprint():
+            report["resumed"] = "complete"
+            return report
+    timings: dict[str, Any] = {}
+    t0 = time.monotonic()
+    tasks = run_processing(recipe, cache_dir)
+    if tasks is None:
+        return None
+    timings["process_wall_s"] = round(time.monotonic() - t0, 2)
+    timings["filter_cpu_s"] = round(sum(t["filter_seconds"] for t in tasks), 2)
+    timings["signature_cpu_s"] = round(sum(t["signature_seconds"] for t in tasks), 2)
+    t0 = time.monotonic()
+    dedup = run_dedup(recipe, recipe.num_tasks())
+    timings["dedup_wall_s"] = round(time.monotonic() - t0, 2)
+    t0 = time.monotonic()
+    counts = write_curated(recipe, recipe.num_tasks(), dedup)
+    tok, tok_path = get_tokenizer(recipe, counts)
+    tokens = count_tokens(recipe, tok, counts)
+    tok_rep = tokenizer_report(tok, tok_path, counts, tokens)
+    plan = plan_mixture(recipe, tokens)
+    entries = write_mixture(recipe, plan, tokens)
+    timings["mixture_tokenizer_wall_s"] = round(time.monotonic() - t0, 2)
+    sources = merge_task_stats(recipe, tasks)
+    report = build_report(recipe, sources, dedup, tok_rep, entries, timings)
+    _write_manifest(recipe, out, sources, entries, report)
+    write_report(report, out, recipe.report.html)
+    return report
+
+
+def _write_manifest(recipe: Recipe, out: Path, sources: dict[str, Any],
+                    entries: list[dict[str, Any]], report: dict[str, Any]) -> None:
+    """manifest.json in the corpus format, so `mmfm data shards --corpus OUT` reads it."""
+    by_name = {s.name: s for s in recipe.sources}
+    manifest = {
+        "format": "mmfm-corpus", "version": 1,
+        "files": {"train": "train.jsonl", "val": "val.jsonl"},
+        "holdout_fraction": recipe.mixture.holdout_fraction, "seed": recipe.seed,
+        "sources": [{"name": e["name"], "kind": by_name[e["name"]].kind,
+                     "license": by_name[e["name"]].license,
+                     "origin": {"builtin": by_name[e["name"]].builtin,
+                                "path": by_name[e["name"]].path},
+                     "docs": e["docs"], "chars": e["chars"], "tokens": e["tokens"],
+                     "mixture": e["mixture"], "read_stats": sources[e["name"]]["read"]}
+                    for e in entries],
+        "skipped_sources": [{"source": n, "reason": "; ".join(s["notes"])}
+                            for n, s in sources.items() if s["notes"]],
+        "totals": {sp: {k: sum(e[k][sp] for e in entries) for k in ("docs", "chars", "tokens")}
+                   for sp in ("train", "val")},
+        "curation": {"recipe": recipe.name, "fingerprint": report["fingerprint"],
+                     "report": "report.json", "tokenizer": report["tokenizer"]["path"]},
+    }
+    tmp = out / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "manifest.json")
