@@ -123,6 +123,9 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
+    # Start from these weights (a checkpoint or a folder with model.safetensors, e.g. from
+    # `mmfm upcycle` or `mmfm import hf`); optimizer and data start fresh. Ignored on --resume.
+    init_from: str | None = None
 
     def validate(self, path: str = "train") -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches",

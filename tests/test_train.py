@@ -146,3 +146,31 @@ def test_checkpoints_load_with_weights_only(text_data, tmp_path):
     state = torch.load(tmp_path / "t" / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)
     assert {"optimizer", "scheduler", "loader", "rng"} <= set(state)
     shutil.rmtree(tmp_path / "t")
+
+
+def test_init_from_upcycled_dense_checkpoint(text_data, tmp_path):
+    """Train a dense model, upcycle it to MoE, and start an MoE run from those weights: its first
+    loss equals the dense model's loss on the same batch (identical experts, gates summing to 1)."""
+    from mmfm.convert.upcycle import upcycle_dense_to_moe
+    from mmfm.train.checkpoint import save_checkpoint
+
+    dense_cfg = tiny_config(text_data, tmp_path / "dense", **{"model.moe": "null",
+                                                             "model.ffn_hidden": 64, "train.steps": 3})
+    dense = Trainer(dense_cfg)
+    dense.fit()
+    moe_cfg = tiny_config(text_data, tmp_path / "moe", **{"train.steps": 1})
+    moe_model = upcycle_dense_to_moe(dense.model, moe_cfg.model)
+    init = save_checkpoint(tmp_path / "upcycled", 0, moe_model, {}, {}, keep=1)
+    moe_cfg.train.init_from = str(init)
+    trainer = Trainer(moe_cfg)
+    batch = next(iter(trainer.loader))
+    with torch.no_grad():
+        ours = trainer.task.loss(trainer.model, batch).lm_loss
+        reference = dense.task.loss(dense.model, batch).lm_loss
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_init_from_missing_weights_is_named(text_data, tmp_path):
+    cfg = tiny_config(text_data, tmp_path, **{"train.init_from": str(tmp_path)})
+    with pytest.raises(CheckpointError, match="holds no model.safetensors"):
+        Trainer(cfg)

@@ -47,6 +47,17 @@ class Checkpoint:
         return torch.load(self.path / STATE_FILE, weights_only=True, map_location="cpu")
 
 
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Initialize `model` from a checkpoint or model folder (hashes verified when it has a
+    meta.json): the `train.init_from` path."""
+    if (path / META_FILE).is_file():
+        verify_checkpoint(path).load_model(model)
+        return
+    if not (path / MODEL_FILE).is_file():
+        raise CheckpointError(f"train.init_from={path} holds no {MODEL_FILE}")
+    Checkpoint(path=path, step=0, meta={}).load_model(model)
+
+
 def step_dir(ckpt_root: Path, step: int) -> Path:
     return ckpt_root / f"step_{step:08d}"
 

@@ -22,6 +22,7 @@ from mmfm.model.counting import count_params, flops_per_token
 from mmfm.train.checkpoint import (
     Checkpoint,
     latest_checkpoint,
+    load_weights,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -64,6 +65,8 @@ class Trainer:
         self.step = 0
         if checkpoint is not None:
             self._restore(checkpoint)
+        elif cfg.train.init_from:
+            load_weights(self.model, Path(cfg.train.init_from))
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.show_progress = cfg.metrics.console if show_progress is None else show_progress
 
