@@ -79,10 +79,14 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
         description="Tokenize CORPUS/train.jsonl and CORPUS/val.jsonl into OUT/train/ and "
                     "OUT/val/: WebDataset tar shards (one sample per document: KEY.ids.npy "
                     "int32 token ids ending in <|endoftext|>, KEY.json metadata) plus "
-                    "index.json (counts, vocab size, tokenizer fingerprint).")
-    p.add_argument("--corpus", required=True, type=Path, help="corpus directory")
-    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+                    "index.json (counts, vocab size, tokenizer fingerprint). With --multimodal "
+                    "RECIPE.yaml, write interleaved text/image/audio shard sets from real media "
+                    "instead (docs/multimodal.md); --out then overrides the recipe's `out`.")
+    p.add_argument("--corpus", type=Path, help="corpus directory (unless --multimodal)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (unless --multimodal)")
+    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--multimodal", type=Path, metavar="RECIPE.yaml",
+                   help="multimodal shard recipe, e.g. configs/data/mm_demo.yaml")
     p.add_argument("--docs-per-shard", type=int, default=500,
                    help="documents per shard (default 500); more shards allow more "
                         "ranks x workers, each of which needs at least one")
@@ -143,6 +147,13 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from mmfm.data.shards import write_token_shards
     from mmfm.data.tokenizer import load_tokenizer
 
+    if args.multimodal is not None:
+        from mmfm.data.mm_build import cmd_mm_shards
+
+        return cmd_mm_shards(args.multimodal, args.out)
+    for name in ("corpus", "tokenizer", "out"):
+        if getattr(args, name) is None:
+            raise ValueError(f"`mmfm data shards` needs --{name} (or --multimodal RECIPE.yaml)")
     tok = load_tokenizer(args.tokenizer)
     if not (args.corpus / "manifest.json").is_file():
         raise ValueError(f"{args.corpus} is not a corpus directory (no manifest.json); "

@@ -202,3 +202,15 @@ def _text_documents(set_name: str, path: Path, max_docs: int | None) -> Iterator
                        "source": str(doc.get("source", path.stem)),
                        "license": str(doc.get("license", "see corpus manifest")),
                        "language": "en"}
+
+
+def cmd_mm_shards(recipe_path: str | Path, out: str | Path | None = None) -> int:
+    """`mmfm data shards --multimodal RECIPE.yaml [--out DIR]`: build and print a summary."""
+    recipe = load_recipe(recipe_path, [f"out={out}"] if out is not None else [])
+    manifest = build_mm_shards(recipe)
+    for name, entry in manifest["media_sources"].items():
+        print(f"  media {name:<11} {entry['items']:>5} items ({entry['spoken']} spoken)  "
+              f"[{entry['license'][:40]}]")
+    print(f"multimodal shard sets written to {recipe.out} in {manifest['build_seconds']:.1f}s "
+          f"(manifest: {Path(recipe.out) / 'manifest.json'})")
+    return 0
