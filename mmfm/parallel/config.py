@@ -130,6 +130,10 @@ class ParallelConfig:
         if not interleaved and self.pp_virtual_stages != 1:
             raise ValueError(f"{path}.pp_virtual_stages={self.pp_virtual_stages} needs "
                              f"{path}.pp_schedule=interleaved_1f1b")
+        if self.pp_schedule != "gpipe" and self.microbatches < self.num_stages:
+            raise ValueError(
+                f"{path}.pp_schedule={self.pp_schedule} needs {path}.microbatches="
+                f"{self.microbatches} >= the {self.num_stages} pipeline stages")
         if interleaved and self.microbatches % self.pp:
             raise ValueError(f"{path}.pp_schedule=interleaved_1f1b needs {path}.microbatches="
                              f"{self.microbatches} to be a multiple of {path}.pp={self.pp}")

@@ -1,0 +1,237 @@
+"""`parallelize(model, dims, cfg)`: one entry point that lays an mmfm Decoder out over processes.
+
+Order (fixed): pipeline split (each rank keeps only its stages' layers) → tensor parallel →
+expert parallel → activation checkpointing → compile → sharding (FSDP2 `fully_shard`, or
+DeepSpeed ZeRO when the optimizer is built, since DeepSpeed wraps both). The result is a
+`ParallelModel`: the local model parts plus what a training step needs (pipeline schedule,
+DeepSpeed engine, gradient specs). Meshes and groups come from `dims`, never from globals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from mmfm.parallel.config import ParallelConfig
+from mmfm.parallel.expert_parallel import apply_expert_parallel
+from mmfm.parallel.grads import GradSpec, all_reduce_grads, clip_grads, sync_tied_grads
+from mmfm.parallel.mesh import ParallelDims
+from mmfm.parallel.pipeline import build_schedule, split_stages
+from mmfm.parallel.tensor_parallel import apply_tensor_parallel
+
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    """The Decoder's parameter name, without wrapper prefixes (AC, compile)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def blocks_of(part: nn.Module) -> dict[Any, nn.Module]:
+    """{key in part.blocks: block} for a Decoder (ModuleList) or a stage (ModuleDict)."""
+    blocks = part.blocks
+    return dict(blocks.items()) if isinstance(blocks, nn.ModuleDict) else dict(enumerate(blocks))
+
+
+def apply_activation_checkpointing(part: nn.Module) -> None:
+    """Recompute every block in backward (non-reentrant); MoE load is counted once, since the
+    layer skips counting inside backward."""
+    for key, block in blocks_of(part).items():
+        part.blocks[key] = checkpoint_wrapper(block)
+
+
+def apply_compile(part: nn.Module) -> None:
+    """torch.compile each block in place (parameter names unchanged)."""
+    for block in blocks_of(part).values():
+        block.compile()
+
+
+def apply_fsdp(part: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> None:
+    """FSDP2: one unit per block, experts of expert-parallel layers in their own unit on the
+    expert-data-parallel mesh (their gradients divided by dp, not dp/ep), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    reshard = cfg.stage == 3
+    for block in blocks_of(part).values():
+        ignored = None
+        if block.is_moe and dims.ep > 1:
+            experts = block.ffn.experts
+            if dims.edp == 1:  # nothing to shard: mmfm's reducer divides their grads by dp
+                ignored = set(experts.parameters())
+            else:
+                fully_shard(experts, mesh=dims.edp_mesh, reshard_after_forward=reshard)
+                experts.set_gradient_divide_factor(float(dims.dp))
+                if dims.device.type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide
+                    experts.set_force_sum_reduction_for_comms(True)
+        fully_shard(block, mesh=dims.dp_mesh, reshard_after_forward=reshard,
+                    ignored_params=ignored)
+    fully_shard(part, mesh=dims.dp_mesh, reshard_after_forward=reshard)
+
+
+@dataclass
+class ParallelModel:
+    """This rank's share of the model and the machinery of a distributed training step."""
+
+    parts: list[nn.Module]  # the Decoder (pp = 1) or this rank's pipeline stage modules
+    dims: ParallelDims
+    cfg: ParallelConfig
+    schedule: Any = None  # torch.distributed.pipelining schedule (pp > 1)
+    engine: Any = None  # DeepSpeed engine (engine=deepspeed, after build_optimizer)
+    specs: list[GradSpec] = field(default_factory=list)
+
+    @property
+    def module(self) -> nn.Module:
+        """What a Task calls: the DeepSpeed engine or the (FSDP-wrapped) Decoder (pp = 1)."""
+        assert self.dims.pp == 1, "a pipelined model is driven by its schedule"
+        return self.engine if self.engine is not None else self.parts[0]
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(Decoder-style name, local parameter) over all parts, each parameter once."""
+        seen = set()
+        for part in self.parts:
+            for name, param in part.named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield canonical_name(name), param
+
+    def named_buffers(self) -> Iterator[tuple[str, Tensor]]:
+        """Persistent buffers (e.g. the aux-loss-free router bias), Decoder-style names."""
+        for part in self.parts:
+            persistent = part.state_dict(keep_vars=True)
+            for name, buf in part.named_buffers():
+                if name in persistent:
+                    yield canonical_name(name), buf
+
+    def moe_layers(self):
+        for part in self.parts:
+            yield from part.moe_layers()
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+    def build_optimizer(self, tcfg, grad_accum: int = 1) -> torch.optim.Optimizer:
+        """AdamW over the local parameters (DeepSpeed: wrapped by its ZeRO optimizer)."""
+        if self.cfg.engine == "deepspeed":
+            from mmfm.parallel.deepspeed_engine import initialize
+
+            self.engine, optimizer = initialize(self.parts[0], self.dims, self.cfg, tcfg, grad_accum)
+            return optimizer
+        return build_adamw(self.named_parameters(), tcfg, self.parts[0].cfg.tie_embeddings)
+
+    def backward(self, loss: Tensor) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        """Reduce gradients, clip to `max_norm` (global norm), step; returns the norm."""
+        if self.engine is not None:
+            self.engine.step()  # reduces, clips, steps and zeroes the gradients
+            _relink_deepspeed_optimizer_state(self.engine)
+            return float(self.engine.get_global_grad_norm() or 0.0)
+        all_reduce_grads(self.specs)
+        sync_tied_grads(self.specs, self.dims.tied_group)
+        norm = clip_grads(self.specs, max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def update_moe_bias(self) -> None:
+        """Aux-loss-free bias step with loads summed over the data-parallel ranks (tp ranks
+        route the same tokens, so they are not summed)."""
+        for _, layer in self.moe_layers():
+            layer.update_bias(self.dims.dp_group if self.dims.dp > 1 else None)
+
+
+def _relink_deepspeed_optimizer_state(engine, force: bool = False) -> None:
+    """DeepSpeed ZeRO-1/2 links each weight to its optimizer-state fragments once, right after
+    the first optimizer step of the *first* param group, when torch AdamW (lazy state) has no
+    state yet for the other groups; their weights then report no `exp_avg`, and
+    `safe_get_full_optimizer_state` fails. Re-link once all groups have state."""
+    zero = getattr(engine, "optimizer", None)
+    if not hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        return
+    if getattr(zero, "_mmfm_relinked", False) and not force:
+        return
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+    zero._mmfm_relinked = True
+
+
+def build_adamw(named_params, tcfg, tie_embeddings: bool) -> torch.optim.AdamW:
+    """`mmfm.train.optim.build_optimizer`'s rule (decay 2-D+ weights except the embedding
+    table) by name, since a pipeline stage may hold the tied LM head without the embedding;
+    groups are further split by device mesh, so foreach kernels never mix plain tensors with
+    DTensors of different meshes."""
+    embeddings = {"embed.weight"} | ({"lm_head.weight"} if tie_embeddings else set())
+    groups: dict[tuple, list] = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and name not in embeddings
+        mesh = getattr(p, "device_mesh", None)
+        groups.setdefault((decay, None if mesh is None else id(mesh)), []).append(p)
+    param_groups = [{"params": params, "weight_decay": tcfg.weight_decay if decay else 0.0}
+                    for (decay, _), params in sorted(groups.items(), key=lambda kv: not kv[0][0])]
+    return torch.optim.AdamW(param_groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=1e-8)
+
+
+def grad_specs(pm: ParallelModel) -> list[GradSpec]:
+    dims, tied_names = pm.dims, set()
+    if dims.pp > 1 and pm.parts[0].cfg.tie_embeddings:
+        tied_names = {"embed.weight", "lm_head.weight"}
+    specs = []
+    for name, param in pm.named_parameters():
+        expert = dims.ep > 1 and ".ffn.experts." in name
+        holders = dims.dp * dims.tp // (dims.ep if expert else 1)
+        group = None
+        if pm.cfg.engine == "ddp" and dims.dp > 1:
+            group = dims.edp_group if expert else dims.dp_group
+        elif pm.cfg.engine == "fsdp" and expert and dims.edp == 1:  # left out of FSDP
+            group = dims.edp_group
+        specs.append(GradSpec(param, group, dims.dp, holders, name in tied_names))
+    return specs
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> ParallelModel:
+    """Lay `model` (a Decoder, identical on every rank) out as `cfg` says over `dims`."""
+    cfg.validate("parallel", model.cfg, world_size=dims.world_size)
+    if dims.pp > 1:
+        parts: list[nn.Module] = split_stages(model, cfg, dims.pp_rank)
+    else:
+        parts = [model]
+    for part in parts:
+        blocks = blocks_of(part)
+        apply_tensor_parallel(blocks, dims.tp_mesh)
+        apply_expert_parallel(blocks, dims.ep_group)
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(part)
+        if cfg.compile:
+            apply_compile(part)
+        part.to(dims.device)
+        if cfg.engine == "fsdp" and dims.dp > 1:
+            apply_fsdp(part, dims, cfg)
+    pm = ParallelModel(parts, dims, cfg)
+    if dims.pp > 1:
+        pm.schedule = build_schedule(parts, cfg, dims.pp_rank, dims.pp_group, dims.device)
+    pm.specs = grad_specs(pm)
+    _check_ready(pm)
+    return pm
+
+
+def _check_ready(pm: ParallelModel) -> None:
+    """Internal invariant: every rank of a data-parallel group holds the same parameter set."""
+    count = torch.tensor([sum(1 for _ in pm.named_parameters())])
+    if pm.dims.dp > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=pm.dims.dp_group)
+    assert count.item() == len(pm.specs)

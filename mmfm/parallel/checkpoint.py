@@ -1,0 +1,329 @@
+"""Distributed checkpoints (torch.distributed.checkpoint) that resume under another layout.
+
+Layout on disk: `<run>/checkpoints/step_00000100/` holds DCP's files (`.metadata`,
+`__<rank>_0.distcp`) plus `meta.json` (step, layout, model config, SHA-256 of every file), so
+`mmfm.train.checkpoint.verify_checkpoint` checks its integrity like a single-process one. It is
+written into `.tmp_step_*` and renamed by rank 0 once every rank has finished.
+
+Every tensor is saved under the name it has in the unsharded Decoder, in a form that does not
+depend on the layout:
+
+- FSDP / tensor-parallel weights are DTensors: DCP stores their shards with global offsets and
+  reshards them on load into whatever placements the new layout has;
+- DeepSpeed ZeRO weights and optimizer moments are gathered to full tensors (DeepSpeed's
+  `safe_get_full_*` helpers; memory: one full tensor at a time per rank) and loaded back with
+  `safe_set_full_*`;
+- expert-parallel experts are saved one expert per key (`...experts.w1#5`), so any ep reads
+  exactly the experts it holds;
+- plain replicated tensors are written once (DCP deduplicates equal keys).
+
+Optimizer state is AdamW's `exp_avg`, `exp_avg_sq` and `step` per weight; the LR scheduler is
+an object. Data loader positions are saved per data-parallel rank and restored when dp is
+unchanged; RNG states per rank, restored when the whole layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from mmfm.parallel.api import ParallelModel
+from mmfm.parallel.state import unshard
+from mmfm.train.checkpoint import (
+    META_FILE,
+    CheckpointError,
+    _fsync_dir,
+    _prune,
+    _sha256,
+    step_dir,
+)
+
+FORMAT = "mmfm-dcp"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+# Model config fields that decide tensor shapes (a checkpoint must agree on all of them).
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
+                "tie_embeddings")
+MOE_SHAPE_FIELDS = ("num_experts", "expert_hidden", "num_shared_experts", "shared_expert_hidden",
+                    "every", "first_dense")
+
+
+@dataclass
+class LoadedCheckpoint:
+    step: int
+    meta: dict[str, Any]
+    objects: dict[str, Any]  # loader position, rng, ... (what this rank could restore)
+
+
+def layout_of(pm: ParallelModel) -> dict[str, Any]:
+    d = pm.dims
+    return {"pp": d.pp, "dp": d.dp, "tp": d.tp, "ep": d.ep, "engine": pm.cfg.engine,
+            "zero_stage": pm.cfg.stage, "world_size": d.world_size}
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+def _init_optimizer_state(pm: ParallelModel, optimizer) -> None:
+    """Create AdamW's state before the first step, so a template exists to load into."""
+    for p in _optimizer_params(pm, optimizer):
+        if not optimizer.state[p]:
+            optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+    if pm.engine is not None:  # let DeepSpeed map each weight to its new state fragments
+        from mmfm.parallel.api import _relink_deepspeed_optimizer_state
+
+        _relink_deepspeed_optimizer_state(pm.engine, force=True)
+
+
+def _optimizer_params(pm: ParallelModel, optimizer) -> list[Tensor]:
+    """The tensors AdamW keeps state for: the weights, or DeepSpeed's flat fp32 partitions
+    (ZeRO-1/2: one per param group; ZeRO-3: one per sub-group, swapped into the groups only
+    during its step)."""
+    if pm.engine is None:
+        return [p for g in optimizer.param_groups for p in g["params"]]
+    zero = pm.engine.optimizer
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None)
+    return list(flats if flats is not None else zero.single_partition_of_fp32_groups)
+
+
+def _deepspeed_step(optimizer) -> Tensor:
+    for state in optimizer.state.values():
+        if "step" in state:
+            return torch.as_tensor(state["step"], dtype=torch.float32).clone()
+    return torch.tensor(0.0)
+
+
+class _Entry:
+    """One saved weight: how to read it for saving and where to put it after loading."""
+
+    def __init__(self, pm: ParallelModel, name: str, param: Tensor, optimizer) -> None:
+        self.pm, self.name, self.param, self.optimizer = pm, name, param, optimizer
+        self.expert = ".ffn.experts." in name  # saved one expert per key, whatever the ep
+        self.deepspeed = pm.engine is not None
+
+    def _value(self, key: str | None) -> Tensor:
+        """The tensor `key` (None: the weight) in a form DCP can save/load in place."""
+        if key is None:
+            t = self.param
+        else:
+            t = self.optimizer.state[self.param][key] if not self.deepspeed else None
+        if self.deepspeed:
+            return unshard(self.pm, self.param, key)
+        if isinstance(t, DTensor) and self.expert:  # FSDP-sharded stack: gather it
+            with torch.no_grad():
+                return t.full_tensor().detach().clone()
+        return t.detach() if isinstance(t, DTensor) else t.data
+
+    def _keys(self, prefix: str) -> list[str]:
+        if not self.expert:
+            return [prefix]
+        lo = self._first_expert()
+        n = self._local_experts()
+        return [f"{prefix}#{lo + e}" for e in range(n)]
+
+    def _first_expert(self) -> int:
+        if self.pm.dims.ep == 1:
+            return 0
+        return dist.get_rank(self.pm.dims.ep_group) * self._local_experts()
+
+    def _local_experts(self) -> int:
+        # DTensor: the global shape of this rank's E/ep stack; ZeRO-3: the unpartitioned shape.
+        return getattr(self.param, "ds_shape", self.param.shape)[0]
+
+    def state(self) -> tuple[dict[str, Tensor], list]:
+        """({key: tensor}, [(tensor that was loaded, how to put it back)])."""
+        out, fixups = {}, []
+        kinds = [("model." + self.name, None)]
+        kinds += [(f"optim.{self.name}.{m}", m) for m in MOMENTS]
+        for prefix, key in kinds:
+            value = self._value(key)
+            if self.expert:
+                for k, piece in zip(self._keys(prefix), value.unbind(0), strict=True):
+                    out[k] = piece
+            else:
+                out[prefix] = value
+            fixups.append((key, value))
+        out[f"optim.{self.name}.step"] = self._step()
+        return out, fixups
+
+    def _step(self) -> Tensor:
+        if self.deepspeed:
+            return _deepspeed_step(self.optimizer)
+        return self.optimizer.state[self.param]["step"]
+
+    @torch.no_grad()
+    def put_back(self, fixups: list, step: Tensor) -> None:
+        """After DCP loaded into the tensors of `state()`: copy where in-place was impossible."""
+        for key, value in fixups:
+            if self.deepspeed:
+                from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+                if key is None:
+                    safe_set_full_fp32_param(self.param, value)
+                else:
+                    safe_set_full_optimizer_state(self.param, value, key)
+                continue
+            target = self.param if key is None else self.optimizer.state[self.param][key]
+            if isinstance(target, DTensor) and self.expert:  # FSDP-sharded expert stack
+                shard = distribute_tensor(value, target.device_mesh, target.placements,
+                                          src_data_rank=None)
+                target.to_local().copy_(shard.to_local())
+        if self.deepspeed:
+            for state in self.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = step.clone() if torch.is_tensor(state["step"]) else float(step)
+        else:
+            self.optimizer.state[self.param]["step"] = step.clone()
+
+
+def _entries(pm: ParallelModel, optimizer) -> list[_Entry]:
+    return [_Entry(pm, name, param, optimizer) for name, param in pm.named_parameters()]
+
+
+def _state(pm: ParallelModel, optimizer, scheduler, objects: dict[str, Any]):
+    state: dict[str, Any] = {}
+    fixups = []
+    for entry in _entries(pm, optimizer):
+        values, fix = entry.state()
+        state.update(values)
+        fixups.append((entry, fix, values[f"optim.{entry.name}.step"]))
+    for name, buf in pm.named_buffers():
+        state["model." + name] = buf
+    state["scheduler"] = pickle.dumps({"last_epoch": scheduler.last_epoch})
+    state.update({key: pickle.dumps(value) for key, value in objects.items()})
+    return state, fixups
+
+
+def _restore_scheduler(scheduler, blob: bytes) -> None:
+    """Set the schedule position; the group count may differ between layouts, so the LRs are
+    recomputed (LambdaLR.step sets every group to base_lr × lambda(last_epoch))."""
+    scheduler.last_epoch = pickle.loads(blob)["last_epoch"] - 1
+    with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def save_distributed(path: str | Path, pm: ParallelModel, optimizer, scheduler, step: int,
+                     meta: dict[str, Any], objects: dict[str, Any] | None = None,
+                     keep: int | None = None) -> Path:
+    """Write a distributed checkpoint (collective). With `keep`, `path` is the checkpoint root
+    and the folder is `step_XXXXXXXX`, older ones pruned to `keep`; else `path` is the folder."""
+    final = step_dir(Path(path), step) if keep is not None else Path(path)
+    tmp = final.parent / f".tmp_{final.name}"
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    _init_optimizer_state(pm, optimizer)
+    state, _ = _state(pm, optimizer, scheduler, objects or {})
+    dcp.save(state, checkpoint_id=str(tmp))
+    dist.barrier()
+    if rank0:
+        hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        full_meta = {"format": FORMAT, "format_version": 1, "step": step,
+                     "layout": layout_of(pm), "sha256": hashes, **meta}
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=1))
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if keep is not None:
+            _prune(final.parent, keep)
+    dist.barrier()
+    return final
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta_path = Path(path) / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {META_FILE} (incomplete write?)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} is a single-process checkpoint (model.safetensors), not a "
+            f"distributed one; resume it with `mmfm train` on one process")
+    return meta
+
+
+def check_compatible(path: Path, meta: dict[str, Any], model_cfg) -> None:
+    """Raise CheckpointError naming the first model field the checkpoint disagrees on."""
+    saved = (meta.get("config") or {}).get("model")
+    if saved is None:
+        return
+    mine = model_cfg if isinstance(model_cfg, dict) else _as_dict(model_cfg)
+    for name in SHAPE_FIELDS:
+        if saved.get(name) != mine.get(name):
+            raise CheckpointError(
+                f"checkpoint {path} ({META_FILE}) was written for model.{name}={saved.get(name)}, "
+                f"but this run has model.{name}={mine.get(name)}")
+    s_moe, m_moe = saved.get("moe"), mine.get("moe")
+    if (s_moe is None) != (m_moe is None):
+        raise CheckpointError(
+            f"checkpoint {path} ({META_FILE}) was written for "
+            f"{'a dense' if s_moe is None else 'an MoE'} model, this run's model.moe is "
+            f"{'null' if m_moe is None else 'set'}")
+    for name in MOE_SHAPE_FIELDS if s_moe else ():
+        if s_moe.get(name) != m_moe.get(name):
+            raise CheckpointError(
+                f"checkpoint {path} ({META_FILE}) was written for model.moe.{name}="
+                f"{s_moe.get(name)}, but this run has model.moe.{name}={m_moe.get(name)}")
+
+
+def _as_dict(cfg) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+@torch.no_grad()
+def _refresh_deepspeed_weights(engine) -> None:
+    """`safe_set_full_fp32_param` sets DeepSpeed's fp32 master copy only; copy it into the
+    weights the forward uses (ZeRO-1/2: all-gathered flat groups, ZeRO-3: local partitions)."""
+    zero = engine.optimizer
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None)
+    if flats is not None:
+        for i in range(len(flats)):
+            zero._reassign_or_swap_out_partitioned_parameters(i)
+    else:
+        zero.update_lp_params()
+
+
+def load_distributed(path: str | Path, pm: ParallelModel, optimizer, scheduler,
+                     objects: dict[str, Any] | None = None) -> LoadedCheckpoint:
+    """Load a distributed checkpoint into this layout (collective). `objects` maps keys this
+    rank wants restored (loader, rng) to placeholders; only those present are loaded."""
+    path = Path(path)
+    meta = read_meta(path)
+    check_compatible(path, meta, pm.parts[0].cfg)
+    _init_optimizer_state(pm, optimizer)
+    wanted = dict(objects or {})
+    state, fixups = _state(pm, optimizer, scheduler, {})
+    saved_keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    missing = sorted(k for k in state if k not in saved_keys)
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: missing {missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''}")
+    found = {k: b"" for k in wanted if k in saved_keys}
+    state.update(found)
+    dcp.load(state, checkpoint_id=str(path))
+    for entry, fix, step in fixups:
+        entry.put_back(fix, step)
+    if pm.engine is not None:
+        _refresh_deepspeed_weights(pm.engine)
+    _restore_scheduler(scheduler, state["scheduler"])
+    return LoadedCheckpoint(int(meta["step"]), meta, {k: pickle.loads(state[k]) for k in found})

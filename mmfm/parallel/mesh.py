@@ -1,0 +1,168 @@
+"""Process groups of one layout: `ParallelDims` holds the sizes and this rank's groups/meshes.
+
+Rank layout (row-major, tp fastest): rank = (pp_i · dp + dp_i) · tp + tp_i, and inside the data
+parallel dimension dp_i = edp_i · ep + ep_i. So
+
+- a tensor-parallel group is tp consecutive ranks (the fastest links on a node),
+- an expert-parallel group is ep data-parallel ranks with the same (pp_i, tp_i, edp_i),
+- an expert-data-parallel group is the dp/ep ranks that hold the same experts.
+
+With tp = pp = 1 this is DeepSpeed's default MoE layout (expert-parallel groups [0,1],[2,3],
+expert-data-parallel groups [0,2],[1,3]), and mmfm hands DeepSpeed these very groups.
+Every group is created on every rank in the same order (a torch.distributed requirement).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from mmfm.parallel.config import ParallelConfig
+
+
+@dataclass
+class ParallelDims:
+    """Sizes of the layout plus this rank's coordinates, process groups and device meshes."""
+
+    pp: int
+    dp: int
+    tp: int
+    ep: int
+    rank: int
+    device: torch.device
+    mesh: DeviceMesh  # ("pp", "dp", "tp")
+    ep_group: dist.ProcessGroup
+    edp_group: dist.ProcessGroup
+    edp_mesh: DeviceMesh
+    tied_group: dist.ProcessGroup | None  # first and last pipeline stage (tied embeddings)
+    ep_ranks: list[int]
+    edp_ranks: list[int]
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    @property
+    def edp(self) -> int:
+        return self.dp // self.ep
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.dp * self.tp)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp % self.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        return self.mesh["dp"]
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        return self.mesh["tp"]
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("dp")
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("tp")
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("pp")
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """Global rank 0 logs; it sits on the first pipeline stage, so metrics from the last
+        stage (the loss) are sent to it explicitly."""
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return (f"world {self.world_size} = pp {self.pp} × dp {self.dp} × tp {self.tp}"
+                f" (ep {self.ep} within dp)")
+
+
+def rank_of(pp_i: int, dp_i: int, tp_i: int, dp: int, tp: int) -> int:
+    return (pp_i * dp + dp_i) * tp + tp_i
+
+
+def expert_groups(pp: int, dp: int, tp: int, ep: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(expert-parallel groups, expert-data-parallel groups) as rank lists, in creation order."""
+    ep_groups, edp_groups = [], []
+    edp = dp // ep
+    for pp_i in range(pp):
+        for tp_i in range(tp):
+            for g in range(edp):
+                ep_groups.append([rank_of(pp_i, g * ep + e, tp_i, dp, tp) for e in range(ep)])
+            for e in range(ep):
+                edp_groups.append([rank_of(pp_i, g * ep + e, tp_i, dp, tp) for g in range(edp)])
+    return ep_groups, edp_groups
+
+
+def tied_groups(pp: int, dp: int, tp: int) -> list[list[int]]:
+    """Pairs (first stage, last stage) holding the same tied embedding shard."""
+    return [[rank_of(0, d, t, dp, tp), rank_of(pp - 1, d, t, dp, tp)]
+            for d in range(dp) for t in range(tp)]
+
+
+def _subgroup(groups: list[list[int]], rank: int) -> tuple[dist.ProcessGroup, list[int]]:
+    mine = None
+    for ranks in groups:  # every rank creates every group, in the same order
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = (group, ranks)
+    assert mine is not None, f"rank {rank} is in none of {groups}"
+    return mine
+
+
+def build_dims(cfg: ParallelConfig, device: torch.device | None = None) -> ParallelDims:
+    """Create this layout's meshes and groups (the default process group must exist)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cfg.validate("parallel", world_size=world)
+    dp = cfg.resolved_dp(world)
+    device = device or default_device()
+    mesh = init_device_mesh(device.type, (cfg.pp, dp, cfg.tp), mesh_dim_names=("pp", "dp", "tp"))
+    ep_lists, edp_lists = expert_groups(cfg.pp, dp, cfg.tp, cfg.ep)
+    ep_group, ep_ranks = _subgroup(ep_lists, rank)
+    edp_group, edp_ranks = _subgroup(edp_lists, rank)
+    tied = None
+    if cfg.pp > 1:
+        tied, _ = _subgroup(tied_groups(cfg.pp, dp, cfg.tp), rank)
+    edp_mesh = DeviceMesh.from_group(edp_group, device.type, mesh=edp_ranks, mesh_dim_names=("edp",))
+    return ParallelDims(cfg.pp, dp, cfg.tp, cfg.ep, rank, device, mesh, ep_group, edp_group,
+                        edp_mesh, tied, ep_ranks, edp_ranks)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
+    """Initialize the default process group from torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT); NCCL for CUDA tensors plus gloo for CPU ones, gloo alone on CPU.
+    Returns (rank, world size); a no-op when already initialized."""
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+                   if k not in os.environ]
+        if missing:
+            raise ValueError(f"distributed run needs {', '.join(missing)} in the environment: "
+                             f"launch it with torchrun or `mmfm launch`")
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(default_device())
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()

@@ -1,0 +1,171 @@
+"""Train a model for a few steps on fixed global batches under a layout, and the single-process
+run it must reproduce. Used by the parity tests and the layout benchmarks.
+
+Data: every step has one global batch of G rows; data-parallel rank r takes rows
+[r·G/dp, (r+1)·G/dp) and cuts them into `chunks` micro-batches (train.grad_accum, or the
+pipeline's parallel.microbatches). So data order is never what a comparison measures.
+
+What the distributed objective is, and so what the reference computes: the mean over dp ranks of
+each rank's mean over its chunks of (LM loss + MoE aux loss). The LM loss is a token mean and
+every chunk has the same number of tokens, so its mean over chunks is the global token mean.
+The aux losses are not linear in the tokens: the Switch loss of a chunk multiplies the chunk's
+expert load by its mean router probabilities. Each chunk therefore is an "aux domain": without
+expert parallelism a domain is one chunk of one rank; with expert parallelism the layer counts
+expert load over the ep group (all-reduced), and the mean of the ep ranks' aux losses equals the
+aux loss of one forward over the ep ranks' chunks concatenated, so a domain is chunk j of all ep
+ranks of a group. The reference accumulates gradients over the domains with weight
+1/num_domains, exactly the distributed objective (see `aux_domains`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mmfm.data.loader import Batch
+from mmfm.model import Decoder, lm_loss
+from mmfm.parallel.config import ParallelConfig
+from mmfm.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class RunResult:
+    losses: list[float] = field(default_factory=list)
+    aux_losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    state: dict[str, Tensor] | None = None  # full weights after the last step
+    step_seconds: list[float] = field(default_factory=list)
+
+
+class FixedBatchTask:
+    """The text task's loss on in-memory batches (no shards, no tokenizer)."""
+
+    def loss(self, model, batch: Batch):
+        from mmfm.train.task import LossOutput
+
+        out = model(batch.input_ids)
+        return LossOutput(lm_loss(out.logits, batch.labels), out.aux_loss,
+                          int(batch.labels.numel()))
+
+
+def make_batches(steps: int, rows: int, seq_len: int, vocab: int, seed: int = 1) -> list[Batch]:
+    """Random token batches, one (rows, seq_len) global batch per step."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        tokens = torch.randint(0, vocab, (rows, seq_len + 1), generator=gen)
+        out.append(Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(),
+                         torch.zeros(rows, seq_len, dtype=torch.int32)))
+    return out
+
+
+def rows_of(batch: Batch, lo: int, hi: int) -> Batch:
+    return Batch(batch.input_ids[lo:hi], batch.labels[lo:hi], batch.doc_ids[lo:hi])
+
+
+def local_chunks(batch: Batch, dp_rank: int, dp: int, chunks: int) -> list[Batch]:
+    """Rank `dp_rank`'s rows of a global batch, cut into `chunks` micro-batches."""
+    per_rank = batch.input_ids.shape[0] // dp
+    per_chunk = per_rank // chunks
+    start = dp_rank * per_rank
+    return [rows_of(batch, start + j * per_chunk, start + (j + 1) * per_chunk)
+            for j in range(chunks)]
+
+
+def aux_domains(batch: Batch, dp: int, ep: int, chunks: int) -> list[Batch]:
+    """The micro-batches over which one aux loss is computed (see the module docstring)."""
+    per_rank = [local_chunks(batch, r, dp, chunks) for r in range(dp)]
+    domains = []
+    for group in range(dp // ep):
+        members = range(group * ep, (group + 1) * ep)
+        for j in range(chunks):
+            parts = [per_rank[r][j] for r in members]
+            domains.append(Batch(*(torch.cat([getattr(p, f) for p in parts])
+                                   for f in ("input_ids", "labels", "doc_ids"))))
+    return domains
+
+
+def num_chunks(pcfg: ParallelConfig, tcfg) -> int:
+    return pcfg.microbatches if pcfg.pp > 1 else tcfg.grad_accum
+
+
+def reference_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch],
+                  seed: int = 0) -> RunResult:
+    """One process, gradient accumulation over the layout's aux domains."""
+    torch.manual_seed(seed)
+    model = Decoder(model_cfg)
+    optimizer = build_optimizer(model, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg)
+    dp = pcfg.dp or 1
+    result = RunResult()
+    for batch in batches:
+        domains = aux_domains(batch, dp, pcfg.ep, num_chunks(pcfg, tcfg))
+        lm = aux = 0.0
+        for dom in domains:
+            out = model(dom.input_ids)
+            loss_lm = lm_loss(out.logits, dom.labels)
+            ((loss_lm + out.aux_loss) / len(domains)).backward()
+            lm += float(loss_lm.detach()) / len(domains)
+            aux += float(out.aux_loss.detach()) / len(domains)
+        max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        for _, layer in model.moe_layers():
+            layer.update_bias()
+        result.losses.append(lm)
+        result.aux_losses.append(aux)
+        result.grad_norms.append(float(norm))
+    result.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return result
+
+
+def distributed_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch], dims,
+                    seed: int = 0, steps: int | None = None, save_to=None, load_from=None,
+                    gather: bool = True, on_step=None) -> RunResult:
+    """Train under `pcfg` on this rank's share of `batches` (collective: every rank calls it).
+
+    `save_to`/`load_from`: a distributed checkpoint folder written after the last step / read
+    before the first (steps then continue from the checkpoint's step)."""
+    from mmfm.parallel.api import parallelize
+    from mmfm.parallel.checkpoint import load_distributed, save_distributed
+    from mmfm.parallel.state import full_state_dict
+    from mmfm.parallel.step import forward_backward, reduce_stats
+
+    torch.manual_seed(seed)
+    model = Decoder(model_cfg)
+    pm = parallelize(model, dims, pcfg)
+    chunks = num_chunks(pcfg, tcfg)
+    optimizer = pm.build_optimizer(tcfg, grad_accum=chunks)
+    scheduler = build_scheduler(optimizer, tcfg)
+    start = 0
+    if load_from is not None:
+        start = load_distributed(load_from, pm, optimizer, scheduler).step
+    task = FixedBatchTask()
+    result = RunResult()
+    end = len(batches) if steps is None else start + steps
+    for step in range(start, end):
+        started = time.perf_counter()
+        pm.train()
+        mine = local_chunks(batches[step], dims.dp_rank, dims.dp, chunks)
+        lm, aux = forward_backward(pm, mine, task, contextlib.nullcontext)
+        norm = pm.step(optimizer, tcfg.grad_clip)
+        scheduler.step()
+        pm.update_moe_bias()
+        lm, aux = reduce_stats(pm, [lm, aux])
+        result.losses.append(lm)
+        result.aux_losses.append(aux)
+        result.grad_norms.append(norm)
+        result.step_seconds.append(time.perf_counter() - started)
+        if on_step is not None:
+            on_step(step)
+    if save_to is not None:
+        save_distributed(save_to, pm, optimizer, scheduler, step=end, meta={})
+    if gather:
+        result.state = full_state_dict(pm)
+    return result
