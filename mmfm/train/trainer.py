@@ -49,6 +49,8 @@ def autocast_context(precision: str):
 class Trainer:
     """Owns one run: builds model, optimizer, data and sinks from a validated config."""
 
+    is_main_process = True  # the distributed trainer (mmfm.parallel) logs from rank 0 only
+
     def __init__(self, cfg: ExperimentConfig, resume: bool = False, resume_from: str | None = None,
                  show_progress: bool | None = None) -> None:
         self.cfg = cfg
@@ -92,7 +94,8 @@ class Trainer:
         `stop_after` ends this invocation early after that many steps (as an interruption would);
         the schedule still spans `train.steps`, so `--resume` continues the same run."""
         tcfg = self.cfg.train
-        save_config(self.cfg, self.run_dir / "config.yaml")
+        if self.is_main_process:
+            save_config(self.cfg, self.run_dir / "config.yaml")
         logger = self._build_logger()
         losses: dict[int, float] = {}
         val_loss, ckpt_path = None, None
@@ -108,7 +111,7 @@ class Trainer:
                 elapsed = time.perf_counter() - started
                 if self.step % tcfg.log_every == 0 or self.step == tcfg.steps:
                     record.update(self._perf(tokens_per_step, elapsed))
-                    record.update(collect_moe_metrics(self.model))
+                    record.update(self._moe_metrics())
                     logger.log(self.step, record)
                 if self.step % tcfg.eval_every == 0 or self.step == tcfg.steps:
                     val_loss = self.evaluate()
@@ -140,6 +143,9 @@ class Trainer:
             layer.update_bias()
         return {"train/loss": lm_total, "train/aux_loss": aux_total,
                 "train/grad_norm": float(grad_norm), "train/lr": lr}
+
+    def _moe_metrics(self) -> dict[str, Any]:
+        return collect_moe_metrics(self.model)
 
     def _perf(self, tokens_per_step: int, elapsed: float) -> dict[str, float]:
         tokens_per_s = tokens_per_step / elapsed
@@ -179,3 +185,13 @@ class Trainer:
             sinks.append(WandbSink(self.cfg.metrics.wandb_project, self.cfg.run.name, self.run_dir,
                                    self.cfg.metrics.wandb_mode, self.cfg.to_dict()))
         return MetricsLogger(sinks)
+
+
+def build_trainer(cfg: ExperimentConfig, resume: bool = False, resume_from: str | None = None,
+                  show_progress: bool | None = None) -> Trainer:
+    """`Trainer`, or `mmfm.parallel`'s distributed one when launched on several processes
+    (torchrun), when `parallel` asks for a layout, or to resume a distributed checkpoint."""
+    from mmfm.parallel.trainer import DistributedTrainer, wants_distributed
+
+    cls = DistributedTrainer if wants_distributed(cfg, resume, resume_from) else Trainer
+    return cls(cfg, resume=resume, resume_from=resume_from, show_progress=show_progress)
