@@ -34,10 +34,13 @@ def _resolve(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mmfm.train import Trainer
+    from mmfm.train.trainer import build_trainer
 
     cfg = _resolve(args)
-    result = Trainer(cfg, resume=args.resume, resume_from=args.resume_from).fit()
+    trainer = build_trainer(cfg, resume=args.resume, resume_from=args.resume_from)
+    result = trainer.fit()
+    if not trainer.is_main_process:
+        return 0
     print(f"run directory: {result.run_dir}")
     print(f"  resolved config: {result.run_dir / 'config.yaml'}")
     print(f"  metrics:         {result.run_dir / 'metrics.jsonl'}")
