@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.convert.cli import register as register_convert
 
     register_convert(sub)
+    from mmfm.parallel.launch import register as register_launch
+
+    register_launch(sub)
     return parser
 
 
