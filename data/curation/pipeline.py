@@ -53,8 +53,13 @@ class ProcessTask:
         self.cache_dir = str(cache_dir)
 
     def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
+        from mmfm.data.corpus import PackageFetchError
+
         recipe = recipe_from_dict(self.recipe_dict, where="<task>")
-        run_process_task(recipe, rank, world_size, Path(self.cache_dir))
+        try:
+            run_process_task(recipe, rank, world_size, Path(self.cache_dir))
+        except PackageFetchError as e:  # a user-facing one-liner, like every data error
+            raise ValueError(f"{e} (mark the source `optional: true` to skip it)") from e
 
 
 def prepare_work_dir(recipe: Recipe, fresh: bool = False) -> Path:
@@ -119,10 +124,22 @@ def run_processing(recipe: Recipe, cache_dir: Path) -> list[dict[str, Any]] | No
         if not all(task_done(work, r) for r in range(world)):
             if recipe.executor.kind == "local":
                 missing = [r for r in range(world) if not task_done(work, r)]
-                raise RuntimeError(f"curation tasks {missing} failed; see {work / 'logs'}")
+                raise ValueError(f"curation task(s) {missing} failed: {_last_error(work)} "
+                                 f"(logs: {work / 'logs'})")
             return None
     return [json.loads((work / "process" / f"{r:05d}.stats.json").read_text())
             for r in range(world)]
+
+
+def _last_error(work: Path) -> str:
+    """The last exception line in the task logs, for a one-line failure message."""
+    found = "see the logs"
+    for log in sorted((work / "logs").rglob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            head = line.split(":", 1)[0].strip()
+            if head.endswith(("Error", "Exception")) and " " not in head:
+                found = line.strip()
+    return found
 
 
 def curate(recipe: Recipe, *, cache_dir: Path = DEFAULT_CACHE, fresh: bool = False
