@@ -105,9 +105,9 @@ class ParallelModel:
     def named_buffers(self) -> Iterator[tuple[str, Tensor]]:
         """Persistent buffers (e.g. the aux-loss-free router bias), Decoder-style names."""
         for part in self.parts:
-            persistent = part.state_dict(keep_vars=True)
+            persistent = {canonical_name(k) for k in part.state_dict(keep_vars=True)}
             for name, buf in part.named_buffers():
-                if name in persistent:
+                if canonical_name(name) in persistent:
                     yield canonical_name(name), buf
 
     def moe_layers(self):
@@ -129,14 +129,16 @@ class ParallelModel:
 
     def backward(self, loss: Tensor) -> None:
         if self.engine is not None:
+            # DeepSpeed counts micro-steps in step(): called after every backward, it reduces,
+            # clips and steps only at the gradient-accumulation boundary.
             self.engine.backward(loss)
+            self.engine.step()
         else:
             loss.backward()
 
     def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
         """Reduce gradients, clip to `max_norm` (global norm), step; returns the norm."""
-        if self.engine is not None:
-            self.engine.step()  # reduces, clips, steps and zeroes the gradients
+        if self.engine is not None:  # the boundary step ran in backward()
             _relink_deepspeed_optimizer_state(self.engine)
             return float(self.engine.get_global_grad_norm() or 0.0)
         all_reduce_grads(self.specs)

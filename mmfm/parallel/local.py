@@ -55,9 +55,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: 
         os._exit(0)
 
 
-def spawn(fn: Callable, world: int, args: tuple = (), timeout_s: float = 120.0) -> list[Any]:
+def spawn(fn: Callable, world: int, args: tuple = (), timeout_s: float = 120.0,
+          grace_s: float = 1.0) -> list[Any]:
     """[fn's return value on rank r for r in range(world)]; raises RuntimeError naming the
-    ranks that failed or did not finish within `timeout_s`."""
+    ranks that failed or did not finish within `timeout_s`. Once one rank fails, the others
+    get `grace_s` to end on their own before they are killed."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="mmfm_spawn_") as out_dir:
         port = free_port()
@@ -69,7 +71,9 @@ def spawn(fn: Callable, world: int, args: tuple = (), timeout_s: float = 120.0) 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and any(p.is_alive() for p in procs):
             if any(p.exitcode not in (None, 0) for p in procs):
-                time.sleep(1.0)  # let the peers write their own errors
+                end = min(deadline, time.monotonic() + grace_s)  # peers report their own errors
+                while time.monotonic() < end and any(p.is_alive() for p in procs):
+                    time.sleep(0.05)
                 break
             time.sleep(0.05)
         hung = [r for r, p in enumerate(procs) if p.is_alive()]

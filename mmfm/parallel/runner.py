@@ -20,6 +20,7 @@ ranks of a group. The reference accumulates gradients over the domains with weig
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -126,12 +127,12 @@ def reference_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch],
 
 
 def distributed_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch], dims,
-                    seed: int = 0, steps: int | None = None, save_to=None, load_from=None,
-                    gather: bool = True, on_step=None) -> RunResult:
+                    seed: int = 0, steps: int | None = None, save_to=None, save_at: int | None = None,
+                    load_from=None, gather: bool = True, on_step=None) -> RunResult:
     """Train under `pcfg` on this rank's share of `batches` (collective: every rank calls it).
 
-    `save_to`/`load_from`: a distributed checkpoint folder written after the last step / read
-    before the first (steps then continue from the checkpoint's step)."""
+    `save_to`/`load_from`: a distributed checkpoint folder written after step `save_at` (default:
+    the last) / read before the first step (steps then continue from the checkpoint's)."""
     from mmfm.parallel.api import parallelize
     from mmfm.parallel.checkpoint import load_distributed, save_distributed
     from mmfm.parallel.state import full_state_dict
@@ -164,8 +165,9 @@ def distributed_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch],
         result.step_seconds.append(time.perf_counter() - started)
         if on_step is not None:
             on_step(step)
-    if save_to is not None:
-        save_distributed(save_to, pm, optimizer, scheduler, step=end, meta={})
+        if save_to is not None and step + 1 == (save_at or end):
+            meta = {"config": {"model": dataclasses.asdict(model_cfg)}}
+            save_distributed(save_to, pm, optimizer, scheduler, step=step + 1, meta=meta)
     if gather:
         result.state = full_state_dict(pm)
     return result

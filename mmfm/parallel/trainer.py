@@ -33,7 +33,7 @@ from mmfm.parallel.checkpoint import (
 )
 from mmfm.parallel.mesh import build_dims, init_distributed
 from mmfm.parallel.step import forward_backward, reduce_stats
-from mmfm.parallel.watchdog import RankFailure, RankWatchdog
+from mmfm.parallel.watchdog import RankWatchdog, explain_failure
 from mmfm.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -234,12 +234,7 @@ class DistributedTrainer(Trainer):
 
     def _name_failed_rank(self, err: Exception) -> None:
         """A collective failed: if a peer died, say which one instead of gloo's socket error."""
-        if self.watchdog is None or isinstance(err, (ValueError, RankFailure)):
-            return
-        self.watchdog.exit_on_failure = False
-        dead = self.watchdog.wait_for_dead()
-        if dead:
-            raise RankFailure(f"[rank {self.dims.rank}] {self.watchdog.reason}") from err
+        explain_failure(self.watchdog, self.dims.rank, err)
 
 
 def moe_summaries(per_layer: dict[str, Any]) -> dict[str, float]:

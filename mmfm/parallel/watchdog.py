@@ -132,3 +132,13 @@ def _store_client(timeout_s: float):
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     return dist.TCPStore(host, port, is_master=False,
                          timeout=timedelta(seconds=max(timeout_s, 10.0)))
+
+
+def explain_failure(watchdog: RankWatchdog | None, rank: int, err: BaseException) -> None:
+    """Call from an `except` around distributed work: when `err` came from a dead peer (gloo
+    reports a closed connection at once), raise RankFailure naming that peer instead."""
+    if watchdog is None or isinstance(err, (ValueError, RankFailure)):
+        return
+    watchdog.exit_on_failure = False
+    if watchdog.wait_for_dead():
+        raise RankFailure(f"[rank {rank}] {watchdog.reason}") from err
