@@ -213,6 +213,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
     else:
         parts = [model]
     for part in parts:
+        part.to(dims.device)  # before any DTensor exists (moving DTensors swaps tensors)
         blocks = blocks_of(part)
         apply_tensor_parallel(blocks, dims.tp_mesh)
         apply_expert_parallel(blocks, dims.ep_group)
@@ -220,7 +221,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
             apply_activation_checkpointing(part)
         if cfg.compile:
             apply_compile(part)
-        part.to(dims.device)
         if cfg.engine == "fsdp" and dims.dp > 1:
             apply_fsdp(part, dims, cfg)
     pm = ParallelModel(parts, dims, cfg)
