@@ -1,7 +1,9 @@
 """`mmfm demo`: the whole text job end to end on the embedded default config.
 
 corpus (text shipped in packages) -> BPE tokenizer -> WebDataset token shards -> train the tiny
-MoE model -> evaluate on held-out text. Finished stages are skipped when run again.
+MoE model -> evaluate on held-out text; then the multimodal job (real images and speech from
+packages -> interleaved shards -> the tiny MoMa model). Finished stages are skipped when run
+again.
 """
 
 from __future__ import annotations
@@ -60,4 +62,6 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None) -> int:
     print(f"[demo] metrics:         {result.run_dir / 'metrics.jsonl'}")
     print(f"[demo] resolved config: {result.run_dir / 'config.yaml'}")
     print(f"[demo] data manifest:   {corpus / 'manifest.json'}")
-    return 0
+    from mmfm.train.multimodal import run_multimodal_demo  # the interleaved job, after text
+
+    return run_multimodal_demo(str(out), str(tokenizer), steps)
