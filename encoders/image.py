@@ -11,7 +11,6 @@ the config, not the weights: :class:`ImagePreprocessor`.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -175,7 +174,3 @@ def load_local_vision_weights(visual: nn.Module, path: str | Path) -> None:
         raise ValueError(f"weights in {path} do not fit the configured vision tower: missing "
                          f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
-
-def tokens_per_image(cfg: EncoderConfig) -> int:
-    side, patch = _vision_geometry(cfg)
-    return int(math.pow(side // patch, 2))
