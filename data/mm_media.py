@@ -171,6 +171,7 @@ def debian_package_root(package: str, cache: Path, wanted: Callable[[str], bool]
     deb = _download_deb(package, cache / "debian")
     _unpack(deb, root, wanted)
     done.write_text(deb.name)
+    deb.unlink()  # the unpacked files are what we keep (the stamps .deb alone is 161 MB)
     return root
 
 
