@@ -174,3 +174,16 @@ def test_init_from_missing_weights_is_named(text_data, tmp_path):
     cfg = tiny_config(text_data, tmp_path, **{"train.init_from": str(tmp_path)})
     with pytest.raises(CheckpointError, match="holds no model.safetensors"):
         Trainer(cfg)
+
+
+def test_task_metrics_merge_weights_losses_by_targets():
+    from mmfm.train.trainer import merge_task_metrics
+
+    merged = merge_task_metrics([
+        {"loss/text": 2.0, "targets/text": 30.0, "media/image_items": 1.0},
+        {"loss/text": 4.0, "targets/text": 10.0, "loss/audio_caption": 1.0, "targets/audio_caption": 5.0},
+    ])
+    assert merged["train/loss/text"] == pytest.approx((2 * 30 + 4 * 10) / 40)
+    assert merged["train/targets/text"] == 40.0
+    assert merged["train/loss/audio_caption"] == pytest.approx(1.0)
+    assert merged["train/media/image_items"] == 1.0

@@ -46,6 +46,27 @@ def autocast_context(precision: str):
     return contextlib.nullcontext()
 
 
+def merge_task_metrics(per_micro_batch: list[dict[str, float]]) -> dict[str, float]:
+    """Combine a task's per-micro-batch scalars into one step's `train/...` metrics: counts
+    (`targets/X`, `media/...`, `data/...`) add up; `loss/X` is the mean weighted by
+    `targets/X`, so a group with few targets in one micro-batch does not count fully."""
+    sums: dict[str, float] = {}
+    for metrics in per_micro_batch:
+        for key, value in metrics.items():
+            if key.startswith("loss/"):
+                weight = metrics.get("targets/" + key[len("loss/"):], 1.0)
+                sums[key] = sums.get(key, 0.0) + value * weight
+            else:
+                sums[key] = sums.get(key, 0.0) + value
+    out = {}
+    for key, value in sums.items():
+        if key.startswith("loss/"):
+            weight = sums.get("targets/" + key[len("loss/"):], float(len(per_micro_batch)))
+            value = value / weight if weight else 0.0
+        out[f"train/{key}"] = value
+    return out
+
+
 class Trainer:
     """Owns one run: builds model, optimizer, data and sinks from a validated config."""
 
@@ -127,12 +148,14 @@ class Trainer:
         tcfg = self.cfg.train
         self.model.train()
         lm_total = aux_total = 0.0
+        task_metrics: list[dict[str, float]] = []
         for _ in range(tcfg.grad_accum):
             with autocast_context(tcfg.precision):
                 out = self.task.loss(self.model, next(batches))
             ((out.lm_loss + out.aux_loss) / tcfg.grad_accum).backward()
             lm_total += out.lm_loss.item() / tcfg.grad_accum
             aux_total += out.aux_loss.item() / tcfg.grad_accum
+            task_metrics.append(out.metrics)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]
@@ -142,7 +165,8 @@ class Trainer:
         for _, layer in self.model.moe_layers():
             layer.update_bias()
         return {"train/loss": lm_total, "train/aux_loss": aux_total,
-                "train/grad_norm": float(grad_norm), "train/lr": lr}
+                "train/grad_norm": float(grad_norm), "train/lr": lr,
+                **merge_task_metrics(task_metrics)}
 
     def _moe_metrics(self) -> dict[str, Any]:
         return collect_moe_metrics(self.model)
