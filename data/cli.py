@@ -20,7 +20,7 @@ DEFAULT_CACHE = Path.home() / ".cache" / "mmfm" / "packages"
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``data`` with its ``corpus``, ``tokenizer`` and ``shards`` subcommands."""
     data = subparsers.add_parser(
-        "data", help="prepare text data: corpus, tokenizer, token shards",
+        "data", help="prepare data: corpus, curation, tokenizer, token and multimodal shards",
         description="Prepare training data in three steps: `corpus` assembles a real text "
                     "corpus from packages, `tokenizer` trains a byte-level BPE on it, "
                     "`shards` tokenizes it into WebDataset shards for `mmfm train`.")
