@@ -60,7 +60,9 @@ class ParallelConfig:
         return None if self.dp is None else self.dp * self.tp * self.pp
 
     def is_trivial(self) -> bool:
-        return (self.dp in (None, 1)) and self.tp == self.pp == 1
+        """One process and nothing for `parallelize` to do (the single-process trainer)."""
+        return (self.dp in (None, 1) and self.tp == self.pp == 1
+                and not (self.activation_checkpointing or self.compile))
 
     def validate(self, path: str = "parallel", model_cfg=None, world_size: int | None = None,
                  train_cfg=None) -> None:
