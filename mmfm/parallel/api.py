@@ -35,9 +35,14 @@ def canonical_name(name: str) -> str:
     return name
 
 
+def decoder_of(module: nn.Module) -> nn.Module:
+    """The Decoder inside a model (the multimodal model wraps one as `.decoder`) or a stage."""
+    return getattr(module, "decoder", module)
+
+
 def blocks_of(part: nn.Module) -> dict[Any, nn.Module]:
     """{key in part.blocks: block} for a Decoder (ModuleList) or a stage (ModuleDict)."""
-    blocks = part.blocks
+    blocks = decoder_of(part).blocks
     return dict(blocks.items()) if isinstance(blocks, nn.ModuleDict) else dict(enumerate(blocks))
 
 
@@ -45,7 +50,7 @@ def apply_activation_checkpointing(part: nn.Module) -> None:
     """Recompute every block in backward (non-reentrant); MoE load is counted once, since the
     layer skips counting inside backward."""
     for key, block in blocks_of(part).items():
-        part.blocks[key] = checkpoint_wrapper(block)
+        decoder_of(part).blocks[key] = checkpoint_wrapper(block)
 
 
 def apply_compile(part: nn.Module) -> None:
@@ -74,6 +79,9 @@ def apply_fsdp(part: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> None
         fully_shard(block, mesh=dims.dp_mesh, reshard_after_forward=reshard,
                     ignored_params=ignored)
     fully_shard(part, mesh=dims.dp_mesh, reshard_after_forward=reshard)
+    # Ranks may use different weights in a step (a modality absent from one rank's batch):
+    # reduce zeros for unused ones so every rank issues the same collectives.
+    part.set_reduce_scatter_unused_params(True)
 
 
 @dataclass
@@ -86,6 +94,10 @@ class ParallelModel:
     schedule: Any = None  # torch.distributed.pipelining schedule (pp > 1)
     engine: Any = None  # DeepSpeed engine (engine=deepspeed, after build_optimizer)
     specs: list[GradSpec] = field(default_factory=list)
+
+    @property
+    def model_cfg(self):
+        return decoder_of(self.parts[0]).cfg
 
     @property
     def module(self) -> nn.Module:
@@ -125,7 +137,7 @@ class ParallelModel:
 
             self.engine, optimizer = initialize(self.parts[0], self.dims, self.cfg, tcfg, grad_accum)
             return optimizer
-        return build_adamw(self.named_parameters(), tcfg, self.parts[0].cfg.tie_embeddings)
+        return build_adamw(self.parts, self.named_parameters(), tcfg, self.model_cfg)
 
     def backward(self, loss: Tensor) -> None:
         if self.engine is not None:
@@ -170,17 +182,19 @@ def _relink_deepspeed_optimizer_state(engine, force: bool = False) -> None:
     zero._mmfm_relinked = True
 
 
-def build_adamw(named_params, tcfg, tie_embeddings: bool) -> torch.optim.AdamW:
-    """`mmfm.train.optim.build_optimizer`'s rule (decay 2-D+ weights except the embedding
-    table) by name, since a pipeline stage may hold the tied LM head without the embedding;
-    groups are further split by device mesh, so foreach kernels never mix plain tensors with
-    DTensors of different meshes."""
-    embeddings = {"embed.weight"} | ({"lm_head.weight"} if tie_embeddings else set())
+def build_adamw(parts, named_params, tcfg, model_cfg) -> torch.optim.AdamW:
+    """`mmfm.train.optim.build_optimizer`'s rule: decay 2-D+ weights except embedding tables,
+    and the tied LM head by name (a pipeline stage may hold it without the embedding). Groups
+    are further split by device mesh, so foreach kernels never mix plain tensors with DTensors
+    of different meshes."""
+    embeddings = {id(m.weight) for part in parts for m in part.modules()
+                  if isinstance(m, nn.Embedding)}
+    tied_head = {"lm_head.weight"} if model_cfg.tie_embeddings else set()
     groups: dict[tuple, list] = {}
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        decay = p.ndim >= 2 and name not in embeddings
+        decay = p.ndim >= 2 and id(p) not in embeddings and name not in tied_head
         mesh = getattr(p, "device_mesh", None)
         groups.setdefault((decay, None if mesh is None else id(mesh)), []).append(p)
     param_groups = [{"params": params, "weight_decay": tcfg.weight_decay if decay else 0.0}
@@ -190,7 +204,7 @@ def build_adamw(named_params, tcfg, tie_embeddings: bool) -> torch.optim.AdamW:
 
 def grad_specs(pm: ParallelModel) -> list[GradSpec]:
     dims, tied_names = pm.dims, set()
-    if dims.pp > 1 and pm.parts[0].cfg.tie_embeddings:
+    if dims.pp > 1 and pm.model_cfg.tie_embeddings:
         tied_names = {"embed.weight", "lm_head.weight"}
     specs = []
     for name, param in pm.named_parameters():
@@ -207,7 +221,11 @@ def grad_specs(pm: ParallelModel) -> list[GradSpec]:
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> ParallelModel:
     """Lay `model` (a Decoder, identical on every rank) out as `cfg` says over `dims`."""
-    cfg.validate("parallel", model.cfg, world_size=dims.world_size)
+    cfg.validate("parallel", decoder_of(model).cfg, world_size=dims.world_size)
+    if decoder_of(model) is not model and max(dims.pp, dims.tp, dims.ep) > 1:
+        raise ValueError(
+            "parallel.tp/pp/ep > 1 are implemented for the text decoder; the multimodal model "
+            "trains data-parallel (parallel.dp with engine ddp, fsdp or deepspeed)")
     if dims.pp > 1:
         parts: list[nn.Module] = split_stages(model, cfg, dims.pp_rank)
     else:

@@ -308,7 +308,7 @@ def load_distributed(path: str | Path, pm: ParallelModel, optimizer, scheduler,
     rank wants restored (loader, rng) to placeholders; only those present are loaded."""
     path = Path(path)
     meta = read_meta(path)
-    check_compatible(path, meta, pm.parts[0].cfg)
+    check_compatible(path, meta, pm.model_cfg)
     _init_optimizer_state(pm, optimizer)
     wanted = dict(objects or {})
     state, fixups = _state(pm, optimizer, scheduler, {})

@@ -102,7 +102,8 @@ def initialize(model: nn.Module, dims, pcfg, tcfg, grad_accum: int):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    num_experts = model.cfg.moe.num_experts if model.cfg.moe is not None else 0
+    moe = getattr(model, "decoder", model).cfg.moe
+    num_experts = moe.num_experts if moe is not None else 0
     wrapped = DeepSpeedModel(model, num_experts, dims.ep)
     base = build_optimizer(model, tcfg)
     groups = [{**g, "name": name} for g, name in zip(base.param_groups, ("decay", "no_decay"),

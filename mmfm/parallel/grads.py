@@ -56,8 +56,10 @@ def all_reduce_grads(specs: list[GradSpec]) -> None:
     """Average gradients the engine does not reduce, one flat buffer per (group, dtype)."""
     buckets: dict[tuple, list[Tensor]] = {}
     for spec in specs:
-        if spec.reduce_group is None or spec.param.grad is None:
+        if spec.reduce_group is None:
             continue
+        if spec.param.grad is None:  # unused on this rank this step; peers may have used it
+            spec.param.grad = torch.zeros_like(spec.param)
         grad = local(spec.param.grad)
         buckets.setdefault((spec.reduce_group, spec.divisor, grad.dtype), []).append(grad)
     for (group, divisor, _), grads in buckets.items():

@@ -87,6 +87,11 @@ class DistributedTrainer(Trainer):
         self.run_dir = cfg.run.dir
         self.ckpt_root = self.run_dir / "checkpoints"
         world = launched_world_size()
+        p = cfg.parallel
+        if cfg.data.kind != "text" and max(p.tp, p.pp, p.ep) > 1:
+            raise ConfigError(f"parallel.tp={p.tp}, parallel.pp={p.pp}, parallel.ep={p.ep}: "
+                              f"only data parallelism is implemented for "
+                              f"data.kind={cfg.data.kind!r} (tp, pp and ep need 1)")
         try:  # before any process group or compute
             cfg.parallel.validate("parallel", cfg.model, world_size=world, train_cfg=cfg.train)
         except ValueError as err:
