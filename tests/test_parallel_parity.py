@@ -22,6 +22,10 @@ decayed on its pipeline stage, expert gradients divided by dp/ep instead of dp).
 norms are compared because AdamW is nearly invariant to a gradient's scale: a mis-scaled
 gradient shows in the norm (and, with clipping at 0.5 active on every step, in the weights).
 
+The aux-loss-free router bias is on (rate 0.01): it is updated after every step from the load
+summed over the data-parallel ranks (not the tensor-parallel ones, which route the same tokens)
+and changes which experts are chosen, so a bias that drifted apart on some rank would show.
+
 Runs are grouped so one set of processes (one torch/DeepSpeed import) trains several layouts.
 DeepSpeed compiles a small CPU communication op on its first use on a machine (~30 s, cached
 in ~/.cache/torch_extensions).
@@ -51,7 +55,8 @@ LOSS_RTOL, NORM_RTOL, WEIGHT_ATOL = 1e-5, 1e-4, 3e-5
 def model_cfg(n_layers: int = 2) -> ModelConfig:
     return ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2,
                        ffn_hidden=64, max_seq_len=SEQ,
-                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32))
+                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32,
+                                     bias_update_rate=0.01))
 
 
 # name: (world size, parallel config, decoder layers, grad_accum)
