@@ -14,4 +14,4 @@ if [ $# -lt 1 ]; then
 fi
 NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec deepspeed --num_gpus "$NPROC" --module mmfm.cli train "$@"
+exec deepspeed --num_gpus "$NPROC" --no_local_rank --module mmfm.cli train "$@"

@@ -11,6 +11,7 @@ losses agree up to fp32 summation order.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -77,3 +78,25 @@ def test_pipeline_run_logs_once_and_resumes_on_one_process(text_data, tmp_path):
     pp_val = [r["val/loss"] for r in records if "val/loss" in r][-1]
     flat_val = [r["val/loss"] for r in flat if "val/loss" in r][-1]
     assert flat_val == pytest.approx(pp_val, rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_deepspeed_launcher_runs_zero2_with_expert_parallelism(text_data, tmp_path):
+    """`mmfm launch --launcher deepspeed --run`: DeepSpeed's own launcher (2 CPU processes)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed")
+    args = tiny_overrides(text_data, tmp_path, **{
+        "run.name": "ds", "train.steps": 2, "train.ckpt_every": 2, "train.eval_every": 2,
+        "train.eval_batches": 1, "train.micro_batch_size": 2, "parallel.engine": "deepspeed",
+        "parallel.zero_stage": 2, "parallel.ep": 2})
+    bin_dir = os.path.dirname(sys.executable)  # the `deepspeed` script of this environment
+    launched = subprocess.run([sys.executable, "-m", "mmfm.cli", "launch", CONFIG, *args,
+                               "--gpus-per-node", "2", "--launcher", "deepspeed", "--run"],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1",
+                                   "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert launched.returncode == 0, (launched.stdout + launched.stderr)[-3000:]
+    records = _records(tmp_path / "ds")
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+    meta = json.loads((tmp_path / "ds" / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert meta["layout"]["engine"] == "deepspeed" and meta["layout"]["ep"] == 2

@@ -46,8 +46,9 @@ def torchrun_command(config: str, overrides: list[str], nodes: int, per_node: in
 
 
 def deepspeed_command(config: str, overrides: list[str], per_node: int) -> list[str]:
-    return ["deepspeed", "--num_gpus", str(per_node), "--module", "mmfm.cli", "train", config,
-            *overrides]
+    # --no_local_rank: the rank comes from the environment, as under torchrun.
+    return ["deepspeed", "--num_gpus", str(per_node), "--no_local_rank", "--module", "mmfm.cli",
+            "train", config, *overrides]
 
 
 def slurm_command(config: str, overrides: list[str], nodes: int, per_node: int) -> list[str]:
