@@ -113,14 +113,13 @@ class _Entry:
         self.deepspeed = pm.engine is not None
 
     def _value(self, key: str | None) -> Tensor:
-        """The tensor `key` (None: the weight) in a form DCP can save/load in place."""
-        if key is None:
-            t = self.param
-        else:
-            t = self.optimizer.state[self.param][key] if not self.deepspeed else None
+        """The weight (key None) or its AdamW moment `key`, as a tensor DCP can save and load
+        into: the weight's own storage where possible, else a full copy put back after loading
+        (DeepSpeed's partitions, FSDP-sharded expert stacks that are saved per expert)."""
         if self.deepspeed:
             return unshard(self.pm, self.param, key)
-        if isinstance(t, DTensor) and self.expert:  # FSDP-sharded stack: gather it
+        t = self.param if key is None else self.optimizer.state[self.param][key]
+        if isinstance(t, DTensor) and self.expert:
             with torch.no_grad():
                 return t.full_tensor().detach().clone()
         return t.detach() if isinstance(t, DTensor) else t.data
