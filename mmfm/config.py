@@ -108,7 +108,7 @@ class TrainConfig:
     """Optimizer, schedule, precision, evaluation and checkpoint cadence."""
 
     steps: int = 300
-    micro_batch_size: int = 16
+    micro_batch_size: int = 8
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
