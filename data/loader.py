@@ -40,8 +40,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from mmfm.data.shards import iter_shard_docs, read_index
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmfm.data.shards import iter_shard_docs, read_index
 
 IGNORE_INDEX = -100  # labels with this value have no target (torch cross_entropy default)
 STATE_VERSION = 1

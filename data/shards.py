@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
+from tokenizers import Tokenizer
+
 from mmfm.data.readers import Document
 from mmfm.data.tokenizer import (
     EOS,
@@ -35,7 +37,6 @@ from mmfm.data.tokenizer import (
     special_token_ids,
     tokenizer_fingerprint,
 )
-from tokenizers import Tokenizer
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "mmfm-token-shards"

@@ -26,8 +26,9 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
-from mmfm.moe.config import MEGABLOCKS_MISSING
 from torch import Tensor, nn
+
+from mmfm.moe.config import MEGABLOCKS_MISSING
 
 
 class BackendUnavailableError(ValueError):

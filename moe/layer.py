@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
+
 from mmfm.moe.capacity import capacity_keep_mask, expert_capacity
 from mmfm.moe.config import MoEConfig
 from mmfm.moe.dispatcher import AllToAllDispatcher, LocalDispatcher
@@ -22,7 +24,6 @@ from mmfm.moe.losses import (
 from mmfm.moe.metrics import LoadMonitor, in_backward
 from mmfm.moe.router import Router, RouterOutput
 from mmfm.moe.trace import RoutingTraceWriter
-from torch import Tensor, nn
 
 _COEFS = {"lb_loss": "aux_loss_coef", "seq_aux_loss": "seq_aux_loss_coef",
           "z_loss": "z_loss_coef"}

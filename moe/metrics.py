@@ -13,8 +13,9 @@ from the summed `tokens_per_expert` with `load_stats`.
 from __future__ import annotations
 
 import torch
-from mmfm.moe.utils import restore_fp32_buffers
 from torch import Tensor, nn
+
+from mmfm.moe.utils import restore_fp32_buffers
 
 
 def in_backward() -> bool:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from mmfm.moe.config import MoEConfig
 from mmfm.moe.utils import restore_fp32_buffers
-from torch import Tensor, nn
 
 
 @dataclass

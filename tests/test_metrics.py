@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from mmfm.moe.config import MoEConfig
 
 from mmfm.config import ModelConfig
 from mmfm.metrics import JsonlSink, MetricsLogger, collect_moe_metrics
 from mmfm.model import Decoder
+from mmfm.moe.config import MoEConfig
 
 
 def test_jsonl_sink_appends_one_object_per_record(tmp_path):

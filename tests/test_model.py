@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from mmfm.moe.config import MoEConfig
 
 from mmfm.config import ModelConfig
 from mmfm.model import Decoder
 from mmfm.model.counting import count_params, dense_equivalent, flops_per_token
 from mmfm.model.layers import Attention, RMSNorm, apply_rope, rope_cos_sin
+from mmfm.moe.config import MoEConfig
 
 
 def tiny_cfg(**kw) -> ModelConfig:

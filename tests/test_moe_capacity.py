@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from mmfm.moe import MoEConfig, MoELayer, capacity_keep_mask, expert_capacity
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from mmfm.moe import MoEConfig, MoELayer
 
 D, HIDDEN, B_PER_RANK, S = 8, 16, 2, 6

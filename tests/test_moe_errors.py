@@ -2,9 +2,10 @@
 
 import re
 
-import mmfm.moe.dispatcher as dispatcher_mod
 import pytest
 import torch
+
+import mmfm.moe.dispatcher as dispatcher_mod
 from mmfm.moe import AllToAllDispatcher, MoEConfig, MoELayer
 
 

@@ -4,6 +4,7 @@ import importlib.util
 
 import pytest
 import torch
+
 from mmfm.moe import BackendUnavailableError, Experts, MoEConfig, SharedExperts
 from mmfm.moe.experts import grouped_mm_supported, swiglu_grouped_mm, swiglu_loop
 

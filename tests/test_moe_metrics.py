@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from mmfm.moe import MoEConfig, MoELayer, RoutingTraceWriter, read_trace
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+from mmfm.moe import MoEConfig, MoELayer, RoutingTraceWriter, read_trace
 
 NAMES = {"tokens_per_expert": "sum", "load_imbalance": "max", "load_cv": "mean",
          "min_load": "min", "max_load": "max", "router_entropy": "mean",

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from mmfm.moe import MoEConfig, Router
 
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from mmfm.moe import MoEConfig, MoELayer
 from mmfm.moe.upcycle import upcycle_from_dense
-from torch import nn
 
 
 class _Dense(nn.Module):
