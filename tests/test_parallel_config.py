@@ -38,7 +38,7 @@ CONFIG = str(ROOT / "configs" / "text_moe_tiny.yaml")  # 8 heads, 4 kv heads, 8 
     (["parallel.pp=2", "parallel.microbatches=1"],
      "parallel.pp_schedule=1f1b needs parallel.microbatches=1 >= the 2 pipeline stages"),
     (["parallel.pp=2", "parallel.microbatches=3", "parallel.pp_schedule=gpipe"],
-     "parallel.microbatches=3 does not divide the 16 rows per step"),
+     "parallel.microbatches=3 does not divide the 8 rows per step"),
     (["parallel.engine=fsdp", "parallel.zero_stage=1"],
      "parallel.zero_stage=1 is not available with parallel.engine=fsdp"),
     (["parallel.engine=megatron"], "parallel.engine='megatron' is not one of ddp, fsdp, deepspeed"),
