@@ -2,11 +2,15 @@
 
 Shape legend: B = micro batch size, T = seq_len.
 
-**Packing.** Documents (each already ending in ``<|endoftext|>``) are concatenated into one
-token stream per reader and cut into rows of T+1 tokens; ``input_ids = row[:-1]``,
-``labels = row[1:]``. Rows do not overlap, so every token of every document appears in
-exactly one row per epoch, in order; a document longer than a row simply continues in the
-next row of the same reader. Nothing is dropped or padded in training.
+**Packing.** Each reader (one per rank and DataLoader worker) runs B *lanes*, one per row
+of the micro batch. Lane r reads documents r, r+B, r+2B, ... of each of its shards (in the
+shard's shuffled order), concatenates them (each already ending in ``<|endoftext|>``) into one
+token stream and cuts it into rows of T+1 tokens; ``input_ids = row[:-1]``,
+``labels = row[1:]``. So the B rows of a batch come from B different documents: a long
+document (a play, a large source file) continues in the same row of the next batches instead
+of filling whole batches, which would make consecutive batches near-copies of each other.
+Rows do not overlap, so every token of every document appears in exactly one row per epoch,
+in order. Nothing is dropped or padded in training.
 
 **Document boundaries.** ``doc_ids[b, t]`` numbers the documents within row b (0, 1, ...),
 so attention can be restricted to a block-diagonal causal mask
@@ -23,8 +27,8 @@ by rank (``shards[rank::world_size]``) and then by DataLoader worker; within a s
 document order is shuffled with ``(seed, epoch, shard)``. A worker's stream runs on into the
 next epoch without a break, so the loader is an infinite iterator.
 
-**Exact resume.** A worker's position is ``(epoch, shard, doc, offset)``: the next token it
-would read. Each worker sends that position along with every batch, and the loader keeps
+**Exact resume.** A lane's position is ``(epoch, shard, doc, offset)``: the next token it
+would read; a worker's position is its lanes' positions. Each worker sends that position along with every batch, and the loader keeps
 the position of the last batch it *returned* per worker (prefetched batches do not count),
 plus which worker is due next. Torch's DataLoader returns an IterableDataset's batches
 round-robin from its workers, so on resume physical worker 0 plays the saved "next" worker
@@ -45,7 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmfm.data.shards import iter_shard_docs, read_index
 
 IGNORE_INDEX = -100  # labels with this value have no target (torch cross_entropy default)
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
@@ -110,14 +114,20 @@ def _check_vocab(index: dict[str, Any], vocab_size: int | None, shards_dir: Path
 # ----------------------------------------------------------------------------- packing
 
 class _PackedStream:
-    """One reader's endless token stream, cut into rows; its position is exact and small."""
+    """One lane of a reader: an endless token stream cut into rows; its position is exact and
+    small. Lane r of L reads documents r, r+L, r+2L, ... of each shard's shuffled order, so the
+    L rows of a batch come from L different documents and one long document (a play, a large
+    source file) never fills whole batches in a row."""
 
     def __init__(
         self, shards_dir: Path, names: list[str], seed: int, rank: int, world_size: int,
         worker: int, num_workers: int, row_len: int, position: dict[str, int] | None,
+        lane: int = 0, lanes: int = 1,
     ) -> None:
         self.dir, self.names, self.seed, self.row_len = shards_dir, names, seed, row_len
         self.split = (rank, world_size, worker, num_workers)
+        self.lane, self.lanes = lane, lanes
+        self._empty_epochs = 0  # epochs in a row that gave this lane no document
         pos = position or {"epoch": 0, "shard": 0, "doc": 0, "offset": 0}
         self.epoch, self.shard, self.doc, self.offset = (
             pos["epoch"], pos["shard"], pos["doc"], pos["offset"])
@@ -149,10 +159,17 @@ class _PackedStream:
         while True:
             plan = self._epoch_plan()
             if self.shard >= len(plan):
+                self._empty_epochs += 1
+                if self._empty_epochs > 2:
+                    raise ValueError(
+                        f"{self.dir}: a reader's shards hold fewer documents than the "
+                        f"{self.lanes} rows of a micro batch; write more documents per shard or "
+                        "lower train.micro_batch_size")
                 self.epoch, self.shard, self.doc = self.epoch + 1, 0, 0
                 continue
             docs = self._shard_docs(plan[self.shard])
             if self.doc < len(docs):
+                self._empty_epochs = 0
                 return docs[self.doc]
             self.shard, self.doc = self.shard + 1, 0
 
@@ -167,7 +184,7 @@ class _PackedStream:
         if self._loaded != (self.epoch, self.shard):
             stored = [ids for _, ids, _ in iter_shard_docs(self.dir / self.names[shard_index])]
             order = _doc_order(len(stored), self.seed, self.epoch, shard_index)
-            self._docs = [stored[i] for i in order]
+            self._docs = [stored[i] for i in order[self.lane::self.lanes]]
             self._loaded = (self.epoch, self.shard)
         return self._docs
 
@@ -195,11 +212,15 @@ class _PackedDataset(IterableDataset):
         # round-robin order continues the saved sequence exactly.
         worker = ((info.id if info else 0) + self.first_worker) % n
         c = self.cfg
-        stream = _PackedStream(c["dir"], c["names"], c["seed"], c["rank"], c["world_size"],
-                               worker, n, c["seq_len"] + 1, self.states[worker])
+        lanes = c["micro_batch_size"]
+        saved = (self.states[worker] or {}).get("lanes") or [None] * lanes
+        streams = [_PackedStream(c["dir"], c["names"], c["seed"], c["rank"], c["world_size"],
+                                 worker, n, c["seq_len"] + 1, saved[lane], lane, lanes)
+                   for lane in range(lanes)]
         while True:
-            rows = [stream.next_row() for _ in range(c["micro_batch_size"])]
-            yield {**_rows_to_tensors(rows), "worker": worker, "state": stream.position()}
+            rows = [stream.next_row() for stream in streams]
+            yield {**_rows_to_tensors(rows), "worker": worker,
+                   "state": {"lanes": [stream.position() for stream in streams]}}
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -287,6 +308,7 @@ class TokenLoader:
             "world_size": self.world_size,
             "num_workers": self._readers,
             "seed": self.seed,
+            "micro_batch_size": self.micro_batch_size,
             "shards": len(self.names),
             "tokenizer_sha256": self.index.get("tokenizer_sha256"),
             "next_worker": self._next_worker,
@@ -296,7 +318,8 @@ class TokenLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a position saved by :meth:`state_dict` on the same rank and layout."""
         expected = {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                    "num_workers": self._readers, "seed": self.seed, "shards": len(self.names),
+                    "num_workers": self._readers, "seed": self.seed,
+                    "micro_batch_size": self.micro_batch_size, "shards": len(self.names),
                     "tokenizer_sha256": self.index.get("tokenizer_sha256")}
         for key, value in expected.items():
             if state.get(key) != value:

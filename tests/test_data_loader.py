@@ -15,6 +15,7 @@ from mmfm.data.loader import (
     IGNORE_INDEX,
     Batch,
     TokenLoader,
+    _doc_order,
     iter_eval_batches,
     reader_shards,
 )
@@ -52,15 +53,32 @@ def _split_docs(stream: np.ndarray, eos: int) -> list[tuple[int, ...]]:
     return [tuple(x) for x in np.split(stream, ends[:-1] + 1)]
 
 
-def _epoch_stream(batches: list[Batch], n_tokens: int) -> np.ndarray:
-    stream = np.concatenate([_rows(b).reshape(-1) for b in batches])
+def _lane_stream(batches: list[Batch], lane: int, n_tokens: int) -> np.ndarray:
+    """Row `lane` of every batch, concatenated: one lane's token stream."""
+    stream = np.concatenate([_rows(b)[lane] for b in batches])
     assert len(stream) >= n_tokens
     return stream[:n_tokens]
 
 
-def _reader_tokens(shards: dict, *split: int) -> int:
-    sizes = [s["tokens"] for s in shards["index"]["shards"]]
-    return sum(sizes[i] for i in reader_shards(len(sizes), 0, 0, *split))
+def _lane_docs(shards: dict, lane: int, *split: int, seed: int = 0) -> list[tuple[int, ...]]:
+    """The documents lane `lane` of reader `split` reads in epoch 0, in order."""
+    docs = []
+    for s in reader_shards(len(shards["stored"]), seed, 0, *split):
+        stored = shards["stored"][s]
+        docs += [tuple(stored[i]) for i in _doc_order(len(stored), seed, 0, s)[lane::B]]
+    return docs
+
+
+def _epoch_docs(shards: dict, batches: list[Batch], *split: int) -> list[tuple[int, ...]]:
+    """What every lane of one reader yielded in epoch 0, checked against its plan."""
+    seen = []
+    for lane in range(B):
+        expected = _lane_docs(shards, lane, *split)
+        n_tokens = sum(len(d) for d in expected)
+        got = _split_docs(_lane_stream(batches, lane, n_tokens), shards["eos"]) if n_tokens else []
+        assert got == expected  # in the planned order, each exactly once
+        seen += got
+    return seen
 
 
 def test_batch_shapes_and_dtypes(shards):
@@ -75,15 +93,21 @@ def test_batch_shapes_and_dtypes(shards):
 def test_packing_covers_every_document_once_per_epoch(shards):
     loader = TokenLoader(shards["dir"], T, B)
     total = shards["index"]["num_tokens"]
-    batches = [next(loader) for _ in range(total // (B * (T + 1)) + 2)]
-    seen = _split_docs(_epoch_stream(batches, total), shards["eos"])
+    batches = [next(loader) for _ in range(total // (T + 1) + 2)]
+    seen = _epoch_docs(shards, batches, 0, 1, 0, 1)
     expected = [tuple(ids) for shard in shards["stored"] for ids in shard]
     assert Counter(seen) == Counter(expected)
-    # Documents of one shard come together (the shard order is what is shuffled).
-    shard_of = {tuple(ids): i for i, shard in enumerate(shards["stored"]) for ids in shard}
-    runs = [shard_of[d] for d in seen]
-    changes = sum(1 for a, b in zip(runs, runs[1:], strict=False) if a != b)
-    assert changes == len(shards["stored"]) - 1
+
+
+def test_rows_of_a_batch_come_from_different_documents(shards):
+    """Lanes: a long document occupies one row of a batch, never the whole batch."""
+    loader = TokenLoader(shards["dir"], T, B)
+    for _ in range(10):
+        rows = _rows(next(loader))
+        assert len({tuple(r) for r in rows}) == B
+        first_docs = {tuple(r[: np.flatnonzero(r == shards["eos"])[0] + 1])
+                      for r in rows if (r == shards["eos"]).any()}
+        assert len(first_docs) == sum((r == shards["eos"]).any() for r in rows)
 
 
 def test_doc_ids_number_documents_within_each_row(shards):
@@ -128,20 +152,21 @@ def test_loaders_of_all_ranks_and_workers_cover_the_epoch(shards, world_size, nu
     for rank in range(world_size):
         loader = TokenLoader(shards["dir"], T, B, rank=rank, world_size=world_size,
                              num_workers=num_workers)
-        need = [_reader_tokens(shards, rank, world_size, w, readers) for w in range(readers)]
-        n_batches = readers * (max(need) // (B * (T + 1)) + 2)
-        batches = [next(loader) for _ in range(n_batches)]
+        most = max(sum(len(d) for d in _lane_docs(shards, lane, rank, world_size, w, readers))
+                   for w in range(readers) for lane in range(B))
+        batches = [next(loader) for _ in range(readers * (most // (T + 1) + 2))]
         loader.close()
         for w in range(readers):  # DataLoader returns batches round-robin from workers
-            seen += _split_docs(_epoch_stream(batches[w::readers], need[w]), shards["eos"])
+            seen += _epoch_docs(shards, batches[w::readers], rank, world_size, w, readers)
     expected = [tuple(ids) for shard in shards["stored"] for ids in shard]
     assert Counter(seen) == Counter(expected)
 
 
 @pytest.mark.parametrize("num_workers,consumed,more", [(0, 7, 5), (0, None, 6), (2, 7, 6)])
 def test_resume_yields_exactly_the_uninterrupted_batches(shards, num_workers, consumed, more):
-    if consumed is None:  # resume just after the first epoch ended
-        consumed = shards["index"]["num_tokens"] // (B * (T + 1)) + 2
+    if consumed is None:  # resume just after every lane ended its first epoch
+        consumed = max(sum(len(d) for d in _lane_docs(shards, lane, 0, 1, 0, 1, seed=3))
+                       for lane in range(B)) // (T + 1) + 2
     reference = TokenLoader(shards["dir"], T, B, num_workers=num_workers, seed=3)
     expected = [next(reference) for _ in range(consumed + more)][consumed:]
     reference.close()
@@ -151,7 +176,7 @@ def test_resume_yields_exactly_the_uninterrupted_batches(shards, num_workers, co
         next(first)
     state = json.loads(json.dumps(first.state_dict()))  # survives a JSON/checkpoint trip
     if num_workers == 0 and consumed > 7:
-        assert state["worker_states"][0]["epoch"] == 1
+        assert all(lane["epoch"] >= 1 for lane in state["worker_states"][0]["lanes"])
     if num_workers == 2:
         assert state["next_worker"] == consumed % 2
     first.close()

@@ -53,11 +53,35 @@ def test_resume_matches_uninterrupted_run(text_data, tmp_path, precision, moe):
         torch.testing.assert_close(split_state[name], value, rtol=0, atol=0)
 
 
+class _FixedBatches:
+    """A loader stand-in that replays given batches (for comparing batch layouts)."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.batches)
+
+    def state_dict(self):
+        return {}
+
+
 def test_gradient_accumulation_equals_larger_batch(text_data, tmp_path):
-    a = Trainer(tiny_config(text_data, tmp_path / "a", **{"train.steps": 2, "train.micro_batch_size": 4,
-                                                          "train.grad_accum": 2, "model.moe": "null"}))
-    b = Trainer(tiny_config(text_data, tmp_path / "b", **{"train.steps": 2, "train.micro_batch_size": 8,
-                                                          "train.grad_accum": 1, "model.moe": "null"}))
+    from mmfm.data.loader import Batch
+
+    common = {"train.steps": 2, "model.moe": "null", "train.ckpt_every": 10, "train.eval_every": 10}
+    a = Trainer(tiny_config(text_data, tmp_path / "a", **common, **{"train.micro_batch_size": 4,
+                                                                    "train.grad_accum": 2}))
+    b = Trainer(tiny_config(text_data, tmp_path / "b", **common, **{"train.micro_batch_size": 8,
+                                                                    "train.grad_accum": 1}))
+    micro = [next(a.loader) for _ in range(4)]
+    a.loader = _FixedBatches(micro)
+    b.loader = _FixedBatches([
+        Batch(*(torch.cat([getattr(x, f), getattr(y, f)]) for f in ("input_ids", "labels", "doc_ids")))
+        for x, y in (micro[0:2], micro[2:4])])
     ra, rb = a.fit(), b.fit()
     assert ra.train_losses[1] == pytest.approx(rb.train_losses[1], rel=1e-5)
     for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
