@@ -35,12 +35,12 @@ import platform
 import resource
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
 import torch
+from timing import interleaved_best  # bench/ is on sys.path when a benchmark runs
 
 from mmfm.model.layers import SwiGLU
 from mmfm.moe import MoEConfig, MoELayer
@@ -73,22 +73,6 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor,
         x.grad = None
 
     return step
-
-
-def interleaved_best(steps: list[Callable[[], None]], reps: int,
-                     warmup: int = 2) -> list[float]:
-    """Best (minimum) seconds of each step, timing them in turn (a, b, a, b, ...): load from
-    other processes on a shared machine only ever adds time, and hits all steps alike."""
-    for _ in range(warmup):
-        for step in steps:
-            step()
-    times: list[list[float]] = [[] for _ in steps]
-    for _ in range(reps):
-        for step, bucket in zip(steps, times, strict=True):
-            started = time.perf_counter()
-            step()
-            bucket.append(time.perf_counter() - started)
-    return [min(bucket) for bucket in times]
 
 
 def inputs(T: int, D: int, precision: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

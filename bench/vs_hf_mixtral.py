@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
 import torch
+from timing import interleaved_best  # bench/ is on sys.path when a benchmark runs
 
 from mmfm.config import ModelConfig
 from mmfm.convert.hf import build_hf_model
@@ -68,22 +68,6 @@ def hf_step(hf, ids: torch.Tensor, precision: str) -> Callable[[], None]:
         opt.step()
 
     return step
-
-
-def interleaved_best(steps: list[Callable[[], None]], reps: int,
-                     warmup: int = 2) -> list[float]:
-    """Best (minimum) seconds of each step, timing them in turn (a, b, a, b, ...): load from
-    other processes on a shared machine only ever adds time, and hits all steps alike."""
-    for _ in range(warmup):
-        for step in steps:
-            step()
-    times: list[list[float]] = [[] for _ in steps]
-    for _ in range(reps):
-        for step, bucket in zip(steps, times, strict=True):
-            started = time.perf_counter()
-            step()
-            bucket.append(time.perf_counter() - started)
-    return [min(bucket) for bucket in times]
 
 
 def measure(args, precision: str) -> dict:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mmfm.data.shards import validate_key
+from mmfm.data.shards import _write_json_atomic, validate_key
 from mmfm.encoders.media import (
     AUDIO_EXTS,
     IMAGE_EXTS,
@@ -197,12 +197,6 @@ class _Rotating:
 
 def _brace_pattern(name: str, digits: int, count: int) -> str:
     return f"{name}-{{{0:0{digits}d}..{count - 1:0{digits}d}}}.tar"
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -184,6 +184,7 @@ class _ShardSequence:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON beside `path`, then rename: readers never see a half-written index."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
