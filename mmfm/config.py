@@ -107,12 +107,12 @@ class DataConfig:
 class TrainConfig:
     """Optimizer, schedule, precision, evaluation and checkpoint cadence."""
 
-    steps: int = 300
+    steps: int = 250
     micro_batch_size: int = 8
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 25
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
