@@ -11,6 +11,8 @@ shutdown after a successful run.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
 import socket
 import tempfile
@@ -22,6 +24,32 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+
+
+def _to_plain(result: Any) -> Any:
+    """A dataclass result becomes a tagged dict, so the parent can load it with
+    `weights_only=True` (no pickled classes) and rebuild it with `_from_plain`."""
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        fields = {f.name: _to_plain(getattr(result, f.name)) for f in dataclasses.fields(result)}
+        return {"__dataclass__": f"{type(result).__module__}:{type(result).__qualname__}", **fields}
+    if isinstance(result, (list, tuple)):
+        return type(result)(_to_plain(v) for v in result)
+    if isinstance(result, dict):
+        return {k: _to_plain(v) for k, v in result.items()}
+    return result
+
+
+def _from_plain(value: Any) -> Any:
+    if isinstance(value, dict) and "__dataclass__" in value:
+        module, name = value.pop("__dataclass__").split(":")
+        cls = getattr(importlib.import_module(module), name)
+        assert dataclasses.is_dataclass(cls), f"{module}:{name} is not a dataclass"
+        return cls(**{k: _from_plain(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return type(value)(_from_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _from_plain(v) for k, v in value.items()}
+    return value
 
 
 def free_port() -> int:
@@ -44,7 +72,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: 
     try:
         init_distributed(timeout_s)
         result = fn(*args)
-        torch.save(result, out / f"rank{rank}.pt")
+        torch.save(_to_plain(result), out / f"rank{rank}.pt")
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         os._exit(1)  # peers then fail in their next collective or hit the timeout
@@ -91,4 +119,5 @@ def spawn(fn: Callable, world: int, args: tuple = (), timeout_s: float = 120.0,
             if first is not None:
                 lines.append(f"rank {first}:\n{errors[first]}")
             raise RuntimeError("\n".join(lines))
-        return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+        return [_from_plain(torch.load(out / f"rank{r}.pt", weights_only=True))
+                for r in range(world)]
