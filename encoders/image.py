@@ -86,7 +86,23 @@ class _TransformerStack(nn.Module):
         return self.norm(self.layers(x_NTW, src_key_padding_mask=pad_NT))
 
 
-class PatchEmbedEncoder(nn.Module):
+class _FixedTokenImage:
+    """Preprocessing and token counts shared by the image encoders: every image is resized to
+    one square and gives the same number of patch tokens."""
+
+    preprocessor: ImagePreprocessor
+
+    def preprocess(self, raw: Image.Image) -> Tensor:
+        return self.preprocessor.preprocess(raw)
+
+    def num_tokens(self, raw: Image.Image | Tensor) -> int:
+        return self.preprocessor.tokens
+
+    def output_lengths(self, lengths_N: Tensor) -> Tensor:
+        return torch.full_like(lengths_N, self.preprocessor.tokens)
+
+
+class PatchEmbedEncoder(_FixedTokenImage, nn.Module):
     """Fuyu/Chameleon-style early fusion without a pretrained tower: non-overlapping patches,
     a linear patch embedding, learned positions and a few transformer layers, all trained
     from scratch with the decoder."""
@@ -102,22 +118,13 @@ class PatchEmbedEncoder(nn.Module):
         self.pos_PW = nn.Parameter(torch.randn(grid * grid, cfg.width) * 0.02)
         self.body = _TransformerStack(cfg.width, cfg.layers, cfg.heads)
 
-    def preprocess(self, raw: Image.Image) -> Tensor:
-        return self.preprocessor.preprocess(raw)
-
-    def num_tokens(self, raw: Image.Image | Tensor) -> int:
-        return self.preprocessor.tokens
-
-    def output_lengths(self, lengths_N: Tensor) -> Tensor:
-        return torch.full_like(lengths_N, self.preprocessor.tokens)
-
     def forward(self, images_NCSS: Tensor, lengths_N: Tensor | None = None) -> Tensor:
         x_NWGG = self.patch(images_NCSS)
         x_NPW = x_NWGG.flatten(2).transpose(1, 2) + self.pos_PW
         return self.body(x_NPW)
 
 
-class OpenCLIPImageEncoder(nn.Module):
+class OpenCLIPImageEncoder(_FixedTokenImage, nn.Module):
     """An OpenCLIP ViT vision tower (any open_clip ViT config, or a tiny custom one), returning
     its patch tokens after the final LayerNorm. Weights come only from a local file."""
 
@@ -136,15 +143,6 @@ class OpenCLIPImageEncoder(nn.Module):
         self.out_dim = vision_cfg.width
         if cfg.pretrained_path:
             load_local_vision_weights(self.visual, cfg.pretrained_path)
-
-    def preprocess(self, raw: Image.Image) -> Tensor:
-        return self.preprocessor.preprocess(raw)
-
-    def num_tokens(self, raw: Image.Image | Tensor) -> int:
-        return self.preprocessor.tokens
-
-    def output_lengths(self, lengths_N: Tensor) -> Tensor:
-        return torch.full_like(lengths_N, self.preprocessor.tokens)
 
     def forward(self, images_NCSS: Tensor, lengths_N: Tensor | None = None) -> Tensor:
         _, tokens_NPW = self.visual(images_NCSS)
