@@ -40,12 +40,14 @@ def permute(x_TD: Tensor, topk_idx_TK: Tensor, num_experts: int,
     num_kept = expert_A.numel() - int(counts[num_experts]) if keep_TK is not None else None
     order_A = order_A[:num_kept]
     token_A = order_A // K
-    return x_TD[token_A], LocalState(order_A, token_A, counts[:num_experts])
+    # index_select, not x_TD[token_A]: its backward is an index_add rather than an
+    # accumulating index_put, which sorts the indices first (about 3x slower on CPU).
+    return x_TD.index_select(0, token_A), LocalState(order_A, token_A, counts[:num_experts])
 
 
 def unpermute(y_AD: Tensor, weight_TK: Tensor, state: LocalState, num_tokens: int) -> Tensor:
     """Scale each expert output by its gate weight and sum the copies back per token."""
-    w_A = weight_TK.flatten()[state.order_A].to(y_AD.dtype)
+    w_A = weight_TK.flatten().index_select(0, state.order_A).to(y_AD.dtype)
     out_TD = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
     return out_TD.index_add(0, state.token_A, y_AD * w_A.unsqueeze(-1))
 
@@ -131,11 +133,11 @@ class AllToAllDispatcher:
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         state = AllToAllState(local, in_splits, out_splits, order_R, inverse_R)
-        return x_RD[order_R], recv_PL.sum(dim=0), state
+        return x_RD.index_select(0, order_R), recv_PL.sum(dim=0), state
 
     def combine(self, y_RD: Tensor, weight_TK: Tensor, state: AllToAllState,
                 num_tokens: int) -> Tensor:
-        y_back_AD = all_to_all(y_RD[state.inverse_R], state.in_splits, state.out_splits,
+        y_back_AD = all_to_all(y_RD.index_select(0, state.inverse_R), state.in_splits, state.out_splits,
                                self.group)
         return unpermute(y_back_AD, weight_TK, state.local, num_tokens)
 
