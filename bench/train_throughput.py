@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mmfm.config import load_config
-from mmfm.model import Decoder, lm_loss
+from mmfm.model import Decoder
 from mmfm.model.counting import count_params, flops_per_token
 from mmfm.train.trainer import autocast_context
 
@@ -36,8 +36,8 @@ def measure(preset: str, precision: str, steps: int, batch: int) -> dict:
 
     def step() -> None:
         with autocast_context(precision):
-            out = model(ids[:, :-1])
-            loss = lm_loss(out.logits, ids[:, 1:]) + out.aux_loss
+            out = model(ids[:, :-1], labels_BT=ids[:, 1:])  # fused head+loss, as in training
+            loss = out.lm_loss + out.aux_loss
         loss.backward()
         model.zero_grad(set_to_none=True)
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
+from mmfm.model.fused_loss import IGNORE_INDEX, fused_linear_cross_entropy
 from mmfm.model.layers import (
     Attention,
     RMSNorm,
@@ -23,13 +25,15 @@ from mmfm.model.layers import (
 )
 from mmfm.moe import MoELayer
 
-IGNORE_INDEX = -100
-
 
 @dataclass
 class DecoderOutput:
-    logits: Tensor  # (B, T, V)
+    logits: Tensor | None  # (B, T, V); None when the loss was fused with the LM head
     aux_loss: Tensor  # scalar: summed, coefficient-weighted MoE losses (0 for dense models)
+    # Given labels: mean cross entropy over non-ignored targets, and its per-token values
+    # (B, T), detached, 0 where ignored (for per-group metrics).
+    lm_loss: Tensor | None = None
+    token_loss_BT: Tensor | None = None
 
 
 class Block(nn.Module):
@@ -95,10 +99,15 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids_BT: Tensor, doc_ids_BT: Tensor | None = None,
                 inputs_embeds_BTD: Tensor | None = None,
-                modality_ids_BT: Tensor | None = None) -> DecoderOutput:
+                modality_ids_BT: Tensor | None = None,
+                labels_BT: Tensor | None = None) -> DecoderOutput:
         """Logits for `input_ids_BT`; `inputs_embeds_BTD`, when given, replaces the token
         embedding lookup (multimodal fusion scatters media embeddings into it first);
-        `modality_ids_BT` (0 text, 1 image, 2 audio) reaches modality-aware MoE FFNs."""
+        `modality_ids_BT` (0 text, 1 image, 2 audio) reaches modality-aware MoE FFNs.
+
+        With `labels_BT` the output also holds the loss; where the LM head is a plain local
+        weight, head and loss are fused (`fused_linear_cross_entropy`) and no logits are made.
+        """
         T = input_ids_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -109,7 +118,18 @@ class Decoder(nn.Module):
         for block in self.blocks:
             h_BTD, block_aux = block(h_BTD, cos, sin, mask, modality_ids_BT)
             aux = aux + block_aux
-        return DecoderOutput(self.lm_head(self.norm(h_BTD)), aux)
+        h_BTD = self.norm(h_BTD)
+        if labels_BT is not None and self.cfg.fused_loss and _plain_weight(self.lm_head.weight):
+            loss, token_loss_N = fused_linear_cross_entropy(
+                h_BTD.flatten(0, 1), self.lm_head.weight, labels_BT.flatten())
+            return DecoderOutput(None, aux, loss, token_loss_N.view_as(labels_BT))
+        logits_BTV = self.lm_head(h_BTD)
+        if labels_BT is None:
+            return DecoderOutput(logits_BTV, aux)
+        token_loss_BT = token_losses(logits_BTV, labels_BT)
+        num_targets = (labels_BT != IGNORE_INDEX).sum().clamp(min=1)
+        return DecoderOutput(logits_BTV, aux, token_loss_BT.sum() / num_targets,
+                             token_loss_BT.detach())
 
     def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:
         """(layer index, MoE layer) for every MoE block, for metrics and bias updates."""
@@ -123,6 +143,19 @@ def _attention_mask(doc_ids_BT: Tensor | None) -> Tensor | None:
     if doc_ids_BT is None or bool((doc_ids_BT == doc_ids_BT[:, :1]).all()):
         return None
     return document_causal_mask(doc_ids_BT)
+
+
+def _plain_weight(weight: Tensor) -> bool:
+    """Whether the fused head+loss may read this weight directly: not a DTensor (tensor
+    parallel shards the head) and not a DeepSpeed ZeRO-3 partition (gathered only inside the
+    module's own forward)."""
+    return not isinstance(weight, DTensor) and not hasattr(weight, "ds_id")
+
+
+def token_losses(logits_BTV: Tensor, labels_BT: Tensor) -> Tensor:
+    """Per-token next-token cross entropy (fp32), 0 where the label is IGNORE_INDEX."""
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="none").view_as(labels_BT)
 
 
 def lm_loss(logits_BTV: Tensor, labels_BT: Tensor) -> Tensor:

@@ -147,10 +147,12 @@ class MultimodalModel(nn.Module):
         return embeds_BTD
 
     def forward(self, input_ids_BT: Tensor, doc_ids_BT: Tensor | None = None,
-                media: dict[str, MediaTensors] | None = None) -> DecoderOutput:
+                media: dict[str, MediaTensors] | None = None,
+                labels_BT: Tensor | None = None) -> DecoderOutput:
+        """The decoder's output (and loss, given labels) on text and media embeddings."""
         embeds_BTD = self.embed(input_ids_BT, media)
         return self.decoder(input_ids_BT, doc_ids_BT, inputs_embeds_BTD=embeds_BTD,
-                            modality_ids_BT=self.modality_ids(input_ids_BT))
+                            modality_ids_BT=self.modality_ids(input_ids_BT), labels_BT=labels_BT)
 
     def moe_layers(self):
         """The decoder's MoE layers (for load metrics and aux-loss-free bias updates)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmfm.data.mm_loader import MMLoader, iter_mm_eval_batches
@@ -77,15 +76,12 @@ class MultimodalTask:
         """Mean next-token loss over text targets, plus `loss/<group>` and `targets/<group>`
         for each target group present, media counts and skipped-sample counts."""
         doc_ids = batch.doc_ids if self.cfg.data.document_mask else None
-        out = model(batch.input_ids, doc_ids, batch.media)
+        out = model(batch.input_ids, doc_ids, batch.media, labels_BT=batch.labels)
         if model.training:
             model.count_micro_batch()
-        ce_BT = F.cross_entropy(out.logits.float().flatten(0, 1), batch.labels.flatten(),
-                                ignore_index=IGNORE_INDEX, reduction="none").view_as(batch.labels)
         target_BT = batch.labels != IGNORE_INDEX
-        num_targets = int(target_BT.sum())
-        lm = ce_BT.sum() / max(1, num_targets)
-        return LossOutput(lm, out.aux_loss, num_targets, self._metrics(ce_BT, target_BT, batch))
+        return LossOutput(out.lm_loss, out.aux_loss, int(target_BT.sum()),
+                          self._metrics(out.token_loss_BT, target_BT, batch))
 
     def _metrics(self, ce_BT: torch.Tensor, target_BT: torch.Tensor,
                  batch: MMBatch) -> dict[str, float]:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mmfm.data.loader import Batch, TokenLoader, iter_eval_batches
 from mmfm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-from mmfm.model import IGNORE_INDEX, Decoder, lm_loss
+from mmfm.model import IGNORE_INDEX, Decoder
 
 
 @dataclass
@@ -70,9 +70,9 @@ class TextTask:
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         doc_ids = batch.doc_ids if self.cfg.data.document_mask else None
-        out = model(batch.input_ids, doc_ids)
+        out = model(batch.input_ids, doc_ids, labels_BT=batch.labels)
         num_targets = int((batch.labels != IGNORE_INDEX).sum())
-        return LossOutput(lm_loss(out.logits, batch.labels), out.aux_loss, num_targets)
+        return LossOutput(out.lm_loss, out.aux_loss, num_targets)
 
 
 def _multimodal_task(cfg) -> Task:
