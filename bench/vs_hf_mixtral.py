@@ -9,9 +9,12 @@ The model is the tiny preset's shape (vocab 8192, d_model 256, 4 layers, 8 heads
 hold the same weights and route alike. A step is forward, loss (next-token cross entropy +
 load-balancing loss; mmfm's z-loss is off because Mixtral has none), backward and an AdamW
 step. mmfm computes its loss as `mmfm train` does: LM head fused with the cross entropy
-(`model.fused_loss`, on by default). `autocast` is bf16 autocast on fp32 weights, as `mmfm train` does for bf16. The two
-models are stepped in turn (mmfm, HF, mmfm, HF, ...) and the best step time of each is used:
-load from other processes on a shared machine only adds time, and hits both alike.
+(`model.fused_loss`, on by default). Both use torch's fused AdamW: the Hugging Face Trainer's
+default optimizer (`adamw_torch_fused`) and what `mmfm train` builds. `autocast` is bf16
+autocast on fp32 weights, as `mmfm train` does for bf16. The two models are stepped in turn
+(mmfm, HF, mmfm, HF, ...) and the best step time of each is used: load from other processes on
+a shared machine only adds time, and hits both alike. `--components` also times the MoE block,
+norm + attention, and final norm + LM head + loss on their own, to show where the gap is.
 
 Writes bench/results/vs_hf_mixtral.json and prints a Markdown table.
 """
@@ -44,7 +47,7 @@ def model_config(seq: int, backend: str) -> ModelConfig:
 
 
 def mmfm_step(model: Decoder, ids: torch.Tensor, precision: str) -> Callable[[], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -59,7 +62,7 @@ def mmfm_step(model: Decoder, ids: torch.Tensor, precision: str) -> Callable[[],
 
 def hf_step(hf, ids: torch.Tensor, precision: str) -> Callable[[], None]:
     """transformers shifts labels itself: same T inputs, T - 1 predictions (mmfm: T)."""
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

@@ -105,7 +105,7 @@ def initialize(model: nn.Module, dims, pcfg, tcfg, grad_accum: int):
     moe = getattr(model, "decoder", model).cfg.moe
     num_experts = moe.num_experts if moe is not None else 0
     wrapped = DeepSpeedModel(model, num_experts, dims.ep)
-    base = build_optimizer(model, tcfg)
+    base = build_optimizer(model, tcfg, fused=False)  # DeepSpeed steps its own flat partitions
     groups = [{**g, "name": name} for g, name in zip(base.param_groups, ("decay", "no_decay"),
                                                         strict=True)]
     if dims.ep > 1:
