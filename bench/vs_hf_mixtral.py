@@ -13,7 +13,9 @@ step. mmfm computes its loss as `mmfm train` does: LM head fused with the cross 
 default optimizer (`adamw_torch_fused`) and what `mmfm train` builds. `autocast` is bf16
 autocast on fp32 weights, as `mmfm train` does for bf16. The two models are stepped in turn
 (mmfm, HF, mmfm, HF, ...) and the best step time of each is used: load from other processes on
-a shared machine only adds time, and hits both alike. `--components` also times the MoE block,
+a shared machine only adds time, and hits both alike. A third model, mmfm with
+`model.fused_loss=false`, is stepped in the same rotation to measure what the fused head + loss
+gives (the `fused-loss gain` column). `--components` also times the MoE block,
 norm + attention, and final norm + LM head + loss on their own, to show where the gap is.
 
 Writes bench/results/vs_hf_mixtral.json and prints a Markdown table.
@@ -22,6 +24,7 @@ Writes bench/results/vs_hf_mixtral.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -80,19 +83,24 @@ def measure(args, precision: str) -> dict:
     model = Decoder(cfg)
     hf = build_hf_model(model, cfg)
     hf.config.output_router_logits = True  # so HF also computes its load-balancing loss
-    model.train()
-    hf.train()
+    # The same model with the plain LM head + cross entropy, to measure what the fusion gives.
+    plain = Decoder(dataclasses.replace(cfg, fused_loss=False))
+    plain.load_state_dict(model.state_dict())
+    for m in (model, hf, plain):
+        m.train()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1),
                         generator=torch.Generator().manual_seed(0))
-    mmfm_s, hf_s = interleaved_best(
-        [mmfm_step(model, ids, precision), hf_step(hf, ids, precision)], args.steps)
+    mmfm_s, hf_s, plain_s = interleaved_best(
+        [mmfm_step(model, ids, precision), hf_step(hf, ids, precision),
+         mmfm_step(plain, ids, precision)], args.steps)
     tokens = args.batch * args.seq
     return {"precision": precision, "batch": args.batch, "seq_len": args.seq,
             "mmfm_backend": args.backend,
             "hf_experts_implementation": getattr(hf.config, "_experts_implementation", None),
             "hf_attn_implementation": hf.config._attn_implementation,
-            "mmfm_step_s": mmfm_s, "hf_step_s": hf_s, "mmfm_tokens_per_s": tokens / mmfm_s,
-            "hf_tokens_per_s": tokens / hf_s, "speedup": hf_s / mmfm_s}
+            "mmfm_step_s": mmfm_s, "hf_step_s": hf_s, "mmfm_plain_loss_step_s": plain_s,
+            "mmfm_tokens_per_s": tokens / mmfm_s, "hf_tokens_per_s": tokens / hf_s,
+            "speedup": hf_s / mmfm_s, "fused_loss_gain": plain_s / mmfm_s}
 
 
 def _fwd_bwd(forward: Callable[[], torch.Tensor], grad: torch.Tensor | None, precision: str,
@@ -174,12 +182,12 @@ def markdown_components(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| precision | batch × seq | mmfm tokens/s | HF Mixtral tokens/s | mmfm / HF |",
-             "|---|---|---|---|---|"]
+    lines = ["| precision | batch × seq | mmfm tokens/s | HF Mixtral tokens/s | mmfm / HF | "
+             "fused-loss gain |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['precision']} | {r['batch']} × {r['seq_len']} | "
                      f"{r['mmfm_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | "
-                     f"{r['speedup']:.2f}× |")
+                     f"{r['speedup']:.2f}× | {r['fused_loss_gain']:.2f}× |")
     return "\n".join(lines)
 
 
