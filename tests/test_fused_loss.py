@@ -64,6 +64,14 @@ def test_without_grad_gives_the_same_losses():
     torch.testing.assert_close(rows_ng, rows, rtol=1e-5, atol=1e-6)
 
 
+def test_a_frozen_head_still_gets_the_hidden_state_gradient():
+    h, w, y = _inputs()
+    _, ref_gh, _ = _reference(h, w, y)
+    loss, _ = fused_linear_cross_entropy(h, w.detach(), y, chunk_rows=32)
+    (gh,) = torch.autograd.grad(loss, (h,))
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-8)
+
+
 def test_all_ignored_gives_zero_loss_and_zero_gradients():
     h, w, y = _inputs()
     y[:] = IGNORE_INDEX

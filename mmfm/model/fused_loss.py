@@ -57,6 +57,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden_ND: Tensor, weight_VD: Tensor, labels_N: Tensor,
                 dtype: torch.dtype, chunk: int):
         N, V = hidden_ND.shape[0], weight_VD.shape[0]
+        want_h, want_w = ctx.needs_input_grad[:2]  # e.g. a frozen head needs no weight grad
         with torch.autocast(hidden_ND.device.type, enabled=False):
             h_ND, w_VD = hidden_ND.to(dtype), weight_VD.to(dtype)
             loss_N = torch.zeros(N, dtype=torch.float32, device=h_ND.device)
@@ -77,10 +78,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 loss_N[rows] = _token_losses(grad_CV, logits_CV, y_C)
                 grad_CV[torch.arange(len(y_C), device=y_C.device), y_C] -= 1.0
                 grad_CV = grad_CV.to(dtype)
-                grad_h_ND[rows] = grad_CV @ w_VD
-                if dtype == torch.float32:
+                if want_h:
+                    grad_h_ND[rows] = grad_CV @ w_VD
+                if want_w and dtype == torch.float32:
                     grad_w_VD.addmm_(grad_CV.t(), h_CD)
-                else:  # bf16 GEMM (as autocast's lm_head backward), accumulated in fp32
+                elif want_w:  # bf16 GEMM (as autocast's lm_head backward), accumulated in fp32
                     grad_w_VD.add_(grad_CV.t() @ h_CD)
         ctx.save_for_backward(grad_h_ND, grad_w_VD)
         ctx.dtypes = (hidden_ND.dtype, weight_VD.dtype)
