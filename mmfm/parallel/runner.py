@@ -43,14 +43,16 @@ class RunResult:
 
 
 class FixedBatchTask:
-    """The text task's loss on in-memory batches (no shards, no tokenizer)."""
+    """The text task's loss on in-memory batches (no shards, no tokenizer). Like `TextTask`,
+    it passes the labels to the model, so sharded layouts run the fused LM head + loss wherever
+    the head is a plain tensor, while the single-process reference (`reference_run`) computes
+    the plain head and `lm_loss`: the parity tests compare the two."""
 
     def loss(self, model, batch: Batch):
         from mmfm.train.task import LossOutput
 
-        out = model(batch.input_ids)
-        return LossOutput(lm_loss(out.logits, batch.labels), out.aux_loss,
-                          int(batch.labels.numel()))
+        out = model(batch.input_ids, labels_BT=batch.labels)
+        return LossOutput(out.lm_loss, out.aux_loss, int(batch.labels.numel()))
 
 
 def make_batches(steps: int, rows: int, seq_len: int, vocab: int, seed: int = 1) -> list[Batch]:
