@@ -1,5 +1,6 @@
 """The decoder-only transformer: embeddings, N pre-norm blocks (attention + dense-or-MoE FFN),
-final norm and LM head. Returns logits and the summed MoE auxiliary loss.
+final norm and LM head. Returns logits and the summed MoE auxiliary loss; given labels, also the
+loss (the LM head fused with the cross entropy where it can be, see `fused_loss.py`).
 
 Shape legend: B batch, T sequence, D model width, V vocabulary.
 """
