@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mmfm.data.shards import _write_json_atomic, validate_key
+from mmfm.data.shards import _write_json_atomic, load_index_json, validate_key
 from mmfm.encoders.media import (
     AUDIO_EXTS,
     IMAGE_EXTS,
@@ -208,13 +208,7 @@ def read_mm_index(shards_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"no multimodal shards in {d}: {INDEX_NAME} is missing; write them "
                          "with `mmfm data shards --multimodal RECIPE.yaml`")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"unreadable shard index {path}: {err}") from None
-    if index.get("format") != INDEX_FORMAT or not index.get("shards"):
-        raise ValueError(f"{path} is not an mmfm multimodal shard index, or lists no shards")
-    return index
+    return load_index_json(path, INDEX_FORMAT, "multimodal")
 
 
 def iter_raw_samples(path: str | Path) -> Iterator[RawSample]:

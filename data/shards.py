@@ -190,6 +190,18 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def load_index_json(path: Path, fmt: str, kind: str) -> dict[str, Any]:
+    """Parse a shard index and check its format tag (ValueError naming the file); shared by the
+    token and multimodal shard readers, which add their own existence checks and hints."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable shard index {path}: {e}") from None
+    if index.get("format") != fmt or not index.get("shards"):
+        raise ValueError(f"{path} is not an mmfm {kind} shard index, or lists no shards")
+    return index
+
+
 def read_index(shards_dir: str | Path) -> dict[str, Any]:
     """Load and check ``shards_dir/index.json``; ValueError naming the directory if the
     directory is missing, holds no shards, or its index is unreadable or incomplete."""
@@ -202,12 +214,7 @@ def read_index(shards_dir: str | Path) -> dict[str, Any]:
             d.glob("*.tar")) else ""
         raise ValueError(f"no token shards in {d}: {INDEX_NAME} is missing{hint}; write "
                          "shards with `mmfm data shards`")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"unreadable shard index {path}: {e}") from e
-    if index.get("format") != INDEX_FORMAT or not index.get("shards"):
-        raise ValueError(f"{path} is not an mmfm token shard index, or lists no shards")
+    index = load_index_json(path, INDEX_FORMAT, "token")
     missing = [s["name"] for s in index["shards"] if not (d / s["name"]).is_file()]
     if missing:
         raise ValueError(f"shard index {path} lists missing shard files: {missing[:5]}")

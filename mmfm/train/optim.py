@@ -27,13 +27,9 @@ def build_optimizer(model: torch.nn.Module, tcfg, fused: bool | None = None) -> 
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if fused is None:
-        fused = all(_fusable(p) for p in _group_params(groups))
+        fused = all(_fusable(p) for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=1e-8,
                              fused=fused or None)
-
-
-def _group_params(groups: list[dict]) -> list[torch.Tensor]:
-    return [p for group in groups for p in group["params"]]
 
 
 def _fusable(param: torch.Tensor) -> bool:
