@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pip's own find-links warnings on these machines are noise; errors still show.
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test install dev lint bench clean
+.PHONY: demo test install dev browser lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,14 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
-dev: $(VENV)/.installed-dev
+dev: $(VENV)/.installed-dev browser
+
+# The report tests open pages in Debian's Chromium (tests/browser.py). Install it where we are
+# root with apt-get; elsewhere those tests skip and say why. A failed install is not fatal.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "note: chromium not installed; browser tests will skip"; }
 
 demo: install
 	$(VENV)/bin/mmfm demo

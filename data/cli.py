@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from mmfm.data.readers import ReadStats
+from mmfm.errors import UserValueError
 
 DEFAULT_CACHE = Path.home() / ".cache" / "mmfm" / "packages"
 
@@ -138,11 +139,11 @@ def _corpus_split(corpus: Path, split: str) -> Path:
     if corpus.is_dir() and (corpus / "manifest.json").is_file():
         path = corpus / f"{split}.jsonl"
         if not path.is_file():
-            raise ValueError(f"corpus {corpus} has no {split}.jsonl; rebuild it with "
+            raise UserValueError(f"corpus {corpus} has no {split}.jsonl; rebuild it with "
                              "`mmfm data corpus`")
         return path
     if not corpus.exists():
-        raise ValueError(f"corpus path does not exist: {corpus}")
+        raise UserValueError(f"corpus path does not exist: {corpus}")
     return corpus
 
 
@@ -155,7 +156,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     docs = read_jsonl(path, text_field=args.text_field, stats=stats)
     first = next(docs, None)
     if first is None:  # check before training, so no empty tokenizer file is written
-        raise ValueError(f"no documents with a {args.text_field!r} field in {path}")
+        raise UserValueError(f"no documents with a {args.text_field!r} field in {path}")
     texts = (d["text"] for d in itertools.chain([first], docs))
     started = time.monotonic()
     tok = train_tokenizer(texts, args.vocab_size, args.out)
@@ -176,10 +177,10 @@ def cmd_shards(args: argparse.Namespace) -> int:
         return cmd_mm_shards(args.multimodal, args.out)
     for name in ("corpus", "tokenizer", "out"):
         if getattr(args, name) is None:
-            raise ValueError(f"`mmfm data shards` needs --{name} (or --multimodal RECIPE.yaml)")
+            raise UserValueError(f"`mmfm data shards` needs --{name} (or --multimodal RECIPE.yaml)")
     tok = load_tokenizer(args.tokenizer)
     if not (args.corpus / "manifest.json").is_file():
-        raise ValueError(f"{args.corpus} is not a corpus directory (no manifest.json); "
+        raise UserValueError(f"{args.corpus} is not a corpus directory (no manifest.json); "
                          "build one with `mmfm data corpus`")
     for split in ("train", "val"):
         path = _corpus_split(args.corpus, split)

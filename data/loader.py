@@ -47,6 +47,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmfm.data.shards import iter_shard_docs, read_index
+from mmfm.errors import UserValueError
 
 IGNORE_INDEX = -100  # labels with this value have no target (torch cross_entropy default)
 STATE_VERSION = 2
@@ -103,7 +104,7 @@ def _check_vocab(index: dict[str, Any], vocab_size: int | None, shards_dir: Path
     # to a multiple of 64); a smaller one would index out of range. A different tokenizer of
     # the same size is caught by comparing index["tokenizer_sha256"].
     if vocab_size is not None and index["vocab_size"] > vocab_size:
-        raise ValueError(
+        raise UserValueError(
             f"tokenizer/model vocabulary mismatch: shards in {shards_dir} were written with a "
             f"tokenizer of vocab size {index['vocab_size']}, but the model's vocab_size is "
             f"{vocab_size}; retrain the tokenizer and shards, or set model.vocab_size="
@@ -161,7 +162,7 @@ class _PackedStream:
             if self.shard >= len(plan):
                 self._empty_epochs += 1
                 if self._empty_epochs > 2:
-                    raise ValueError(
+                    raise UserValueError(
                         f"{self.dir}: a reader's shards hold fewer documents than the "
                         f"{self.lanes} rows of a micro batch; write more documents per shard or "
                         "lower train.micro_batch_size")
@@ -252,9 +253,9 @@ class TokenLoader:
         _check_positive(seq_len=seq_len, micro_batch_size=micro_batch_size,
                         world_size=world_size)
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+            raise UserValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if num_workers < 0:
-            raise ValueError(f"num_workers={num_workers} must be >= 0")
+            raise UserValueError(f"num_workers={num_workers} must be >= 0")
         self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
         self.rank, self.world_size, self.num_workers, self.seed = (
             rank, world_size, num_workers, seed)
@@ -268,7 +269,7 @@ class TokenLoader:
     def _check_enough_shards(self) -> None:
         readers = self.world_size * self._readers
         if len(self.names) < readers:
-            raise ValueError(
+            raise UserValueError(
                 f"{self.dir} has {len(self.names)} shard(s) but world_size={self.world_size} x "
                 f"num_workers={self._readers} = {readers} readers each need at least one; "
                 f"rank {self.rank} would get too few. Write more, smaller shards "
@@ -323,7 +324,7 @@ class TokenLoader:
                     "tokenizer_sha256": self.index.get("tokenizer_sha256")}
         for key, value in expected.items():
             if state.get(key) != value:
-                raise ValueError(
+                raise UserValueError(
                     f"cannot resume the data loader: it was saved with {key}={state.get(key)!r} "
                     f"but this loader has {key}={value!r} (data order would not continue)"
                 )
@@ -335,12 +336,12 @@ class TokenLoader:
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value <= 0:
-            raise ValueError(f"{name}={value} must be > 0")
+            raise UserValueError(f"{name}={value} must be > 0")
 
 
 def _check_tokenizer(index: dict[str, Any], sha: str | None, shards_dir: Path) -> None:
     if sha is not None and index.get("tokenizer_sha256") != sha:
-        raise ValueError(
+        raise UserValueError(
             f"tokenizer mismatch: shards in {shards_dir} were written with tokenizer "
             f"{str(index.get('tokenizer_sha256'))[:12]}, the model uses {sha[:12]}"
         )

@@ -29,6 +29,7 @@ from typing import Any
 from mmfm.data.corpus import holdout_score
 from mmfm.data.mm_media import MEDIA_SOURCES, MediaCollection, MediaItem, collect_media
 from mmfm.data.mm_shards import write_mm_shards
+from mmfm.errors import UserValueError
 
 
 @dataclass(kw_only=True)
@@ -57,19 +58,19 @@ class MMRecipe:
 
     def validate(self) -> None:
         if not self.sets:
-            raise ValueError("recipe.sets is empty: name at least one shard set")
+            raise UserValueError("recipe.sets is empty: name at least one shard set")
         if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"recipe.val_fraction={self.val_fraction} must be in [0, 1)")
+            raise UserValueError(f"recipe.val_fraction={self.val_fraction} must be in [0, 1)")
         for name, s in self.sets.items():
             unknown = sorted(set(s.media) - set(MEDIA_SOURCES))
             if unknown:
-                raise ValueError(f"recipe.sets.{name}.media: unknown sources {unknown}; known: "
+                raise UserValueError(f"recipe.sets.{name}.media: unknown sources {unknown}; known: "
                                  f"{', '.join(MEDIA_SOURCES)}")
             if not s.media and not s.jsonl:
-                raise ValueError(f"recipe.sets.{name} has neither media nor jsonl")
+                raise UserValueError(f"recipe.sets.{name} has neither media nor jsonl")
             lo, hi = (list(s.items_per_doc) + [0, 0])[:2]
             if not 1 <= lo <= hi:
-                raise ValueError(f"recipe.sets.{name}.items_per_doc={list(s.items_per_doc)} "
+                raise UserValueError(f"recipe.sets.{name}.items_per_doc={list(s.items_per_doc)} "
                                  "must be [min, max] with 1 <= min <= max")
 
 
@@ -80,13 +81,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"recipe file {path} does not exist")
+        raise UserValueError(f"recipe file {path} does not exist")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(MMRecipe), OmegaConf.load(path),
                                  OmegaConf.from_dotlist(list(overrides)))
         recipe = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise ValueError(f"recipe {path}: {str(err).splitlines()[0]}") from None
+        raise UserValueError(f"recipe {path}: {str(err).splitlines()[0]}") from None
     recipe.validate()
     return recipe
 
@@ -191,7 +192,7 @@ def _segments(items: list[MediaItem], s: ShardSetRecipe) -> list[dict[str, Any]]
 
 def _text_documents(set_name: str, path: Path, max_docs: int | None) -> Iterator[dict[str, Any]]:
     if not path.is_file():
-        raise ValueError(f"text JSONL {path} does not exist (build it with `mmfm data corpus`)")
+        raise UserValueError(f"text JSONL {path} does not exist (build it with `mmfm data corpus`)")
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f):
             if max_docs is not None and number >= max_docs:

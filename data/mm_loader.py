@@ -56,6 +56,7 @@ from mmfm.data.mm_shards import (
 )
 from mmfm.data.tokenizer import load_tokenizer
 from mmfm.encoders.registry import build_preprocessor
+from mmfm.errors import UserValueError
 
 STATE_VERSION = 1
 Ref = tuple[int, int, int]  # (epoch, shard cursor in that epoch's plan, sample index in shard)
@@ -90,12 +91,12 @@ class BadInputPolicy:
 
     def sample(self, shard: Path, key: str, err: SampleError) -> None:
         if self.strict:
-            raise ValueError(f"shard {shard}: sample {key!r}: {err}") from None
+            raise UserValueError(f"shard {shard}: sample {key!r}: {err}") from None
         self.counts[err.reason] = self.counts.get(err.reason, 0) + 1
 
     def shard(self, shard: Path, err: ShardError) -> None:
         if self.strict:
-            raise ValueError(str(err)) from None
+            raise UserValueError(str(err)) from None
         self.counts["bad_shard"] = self.counts.get("bad_shard", 0) + 1
 
 
@@ -148,7 +149,7 @@ class SourceReader:
 
     def _next_epoch(self) -> None:
         if self.epoch - self._last_yield_epoch >= 1:
-            raise ValueError(f"source {self.src.name!r} ({self.src.dir}) gave reader "
+            raise UserValueError(f"source {self.src.name!r} ({self.src.dir}) gave reader "
                              f"{self.reader} of {self.readers} no readable sample in a whole "
                              "epoch: write more (smaller) shards or use fewer workers")
         self.epoch, self.cursor, self.index = self.epoch + 1, 0, 0
@@ -319,10 +320,10 @@ class MMLoader:
                  shuffle_buffer: int = 64, strict: bool = False, loss_on_markers: bool = False,
                  vocab_size: int | None = None) -> None:
         if not sources:
-            raise ValueError("no multimodal sources: set multimodal.sources in the config")
+            raise UserValueError("no multimodal sources: set multimodal.sources in the config")
         if not 0 <= rank < world_size or num_workers < 0 or min(seq_len, micro_batch_size,
                                                                  shuffle_buffer) <= 0:
-            raise ValueError(f"bad loader layout: rank={rank} world_size={world_size} "
+            raise UserValueError(f"bad loader layout: rank={rank} world_size={world_size} "
                              f"num_workers={num_workers} seq_len={seq_len} "
                              f"micro_batch_size={micro_batch_size} shuffle_buffer={shuffle_buffer}")
         sets = [ShardSet.open(n, d, w) for n, d, w in sources]
@@ -384,7 +385,7 @@ class MMLoader:
         for key, value in self._layout().items():
             saved = state.get(key)
             if saved != value:
-                raise ValueError(f"cannot resume the multimodal loader: it was saved with "
+                raise UserValueError(f"cannot resume the multimodal loader: it was saved with "
                                  f"{key}={saved!r} but this loader has {key}={value!r}")
         self.close()
         self._states = list(state["worker_states"])
@@ -393,7 +394,7 @@ class MMLoader:
 
 def _check_vocab(tok, vocab_size: int | None, path) -> None:
     if vocab_size is not None and tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"tokenizer {path} has {tok.get_vocab_size()} tokens but "
+        raise UserValueError(f"tokenizer {path} has {tok.get_vocab_size()} tokens but "
                          f"model.vocab_size={vocab_size}; set model.vocab_size to at least "
                          f"{tok.get_vocab_size()}")
 

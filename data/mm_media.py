@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmfm.errors import MmfmError, UserValueError
+
 MEDIA_SOURCES = ("skimage", "sklearn", "matplotlib", "tuxpaint", "asterisk")
 TUXPAINT_PKG = "tuxpaint-stamps-default"
 ASTERISK_WAV_PKG = "asterisk-core-sounds-en-wav"
@@ -82,7 +84,7 @@ def collect_media(sources: list[str], cache_dir: str | Path,
     cache = Path(cache_dir).expanduser()
     for source in sources:
         if source not in readers:
-            raise ValueError(f"unknown media source {source!r}; known: {', '.join(MEDIA_SOURCES)}")
+            raise UserValueError(f"unknown media source {source!r}; known: {', '.join(MEDIA_SOURCES)}")
         try:
             items = readers[source](cache)
         except MediaUnavailable as err:
@@ -92,7 +94,7 @@ def collect_media(sources: list[str], cache_dir: str | Path,
     return collection
 
 
-class MediaUnavailable(RuntimeError):
+class MediaUnavailable(MmfmError, RuntimeError):
     """A media source that cannot be had on this machine (package missing, no network)."""
 
 

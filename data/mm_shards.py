@@ -41,6 +41,7 @@ from mmfm.encoders.media import (
     encode_png,
     media_kind,
 )
+from mmfm.errors import UserValueError
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "mmfm-mm-shards"
@@ -48,11 +49,11 @@ INDEX_VERSION = 1
 META_FIELDS = ("source", "license", "language", "origin")
 
 
-class ShardError(ValueError):
+class ShardError(UserValueError):
     """A shard that cannot be read as a tar (missing, not a tar, truncated)."""
 
 
-class SampleError(ValueError):
+class SampleError(UserValueError):
     """One sample that cannot become a document; `reason` is a short category."""
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -82,7 +83,7 @@ def write_mm_shards(docs: Iterable[dict[str, Any]], out_dir: str | Path, *, name
     skipped and counted; a key with a path separator, ".." or "." is rejected.
     """
     if max_samples <= 0 or (max_bytes is not None and max_bytes <= 0):
-        raise ValueError(f"max_samples={max_samples} and max_bytes={max_bytes} must be > 0")
+        raise UserValueError(f"max_samples={max_samples} and max_bytes={max_bytes} must be > 0")
     validate_key(name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +103,7 @@ def write_mm_shards(docs: Iterable[dict[str, Any]], out_dir: str | Path, *, name
             per[k] += v
     shards = writer.close()
     if not shards:
-        raise ValueError(f"no non-empty documents to write into {out}")
+        raise UserValueError(f"no non-empty documents to write into {out}")
     index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shards": shards,
              "pattern": _brace_pattern(name, digits, len(shards)),
              "num_samples": sum(s["samples"] for s in shards),
@@ -123,7 +124,7 @@ def encode_document(doc: dict[str, Any]) -> tuple[dict[str, bytes], dict[str, in
             continue
         kind = "image" if "image" in seg else "audio" if "audio" in seg else None
         if kind is None:
-            raise ValueError(f"segment {i} of document {doc.get('key')!r} has none of "
+            raise UserValueError(f"segment {i} of document {doc.get('key')!r} has none of "
                              "text, image, audio")
         ext, data = _encode_media(kind, seg[kind], seg.get("format"))
         member = f"{counts['images'] + counts['audio']}.{ext}"
@@ -140,13 +141,13 @@ def _encode_media(kind: str, value: Any, fmt: str | None) -> tuple[str, bytes]:
     if isinstance(value, (bytes, bytearray)):
         allowed = IMAGE_EXTS if kind == "image" else AUDIO_EXTS
         if fmt not in allowed:
-            raise ValueError(f"{kind} bytes need a format in {allowed}, got {fmt!r}")
+            raise UserValueError(f"{kind} bytes need a format in {allowed}, got {fmt!r}")
         return fmt, bytes(value)
     if kind == "image" and isinstance(value, (Image.Image, np.ndarray)):
         return "png", encode_png(value)
     if kind == "audio" and isinstance(value, Waveform):
         return "flac", encode_flac(value)
-    raise ValueError(f"cannot store a {type(value).__name__} as {kind}")
+    raise UserValueError(f"cannot store a {type(value).__name__} as {kind}")
 
 
 class _Rotating:
@@ -206,7 +207,7 @@ def read_mm_index(shards_dir: str | Path) -> dict[str, Any]:
     d = Path(shards_dir)
     path = d / INDEX_NAME
     if not path.is_file():
-        raise ValueError(f"no multimodal shards in {d}: {INDEX_NAME} is missing; write them "
+        raise UserValueError(f"no multimodal shards in {d}: {INDEX_NAME} is missing; write them "
                          "with `mmfm data shards --multimodal RECIPE.yaml`")
     return load_index_json(path, INDEX_FORMAT, "multimodal")
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from mmfm.errors import UserValueError
+
 Document = dict[str, Any]
 
 TEXT_EXTENSIONS = (".txt", ".md", ".rst")
@@ -103,7 +105,7 @@ def open_binary(path: str | Path) -> IO[bytes]:
         try:
             import zstandard  # optional: only needed for .zst inputs
         except ImportError as e:
-            raise ValueError(f"{p}: reading .zst files needs the 'zstandard' package") from e
+            raise UserValueError(f"{p}: reading .zst files needs the 'zstandard' package") from e
         raw = open(p, "rb")
         # BufferedReader gives the line iteration that read_jsonl needs.
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
@@ -112,7 +114,7 @@ def open_binary(path: str | Path) -> IO[bytes]:
 
 def _check_exists(path: Path) -> None:
     if not path.exists():
-        raise ValueError(f"data path does not exist: {path}")
+        raise UserValueError(f"data path does not exist: {path}")
 
 
 def iter_files(
@@ -145,7 +147,7 @@ def iter_files(
             yield f, root if root.is_dir() else root.parent
         if found == 0:
             what = f" matching {', '.join(exts)}" if exts else ""
-            raise ValueError(f"data path holds no files{what}: {root}")
+            raise UserValueError(f"data path holds no files{what}: {root}")
 
 
 def _as_path_list(paths: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -153,7 +155,7 @@ def _as_path_list(paths: str | Path | Iterable[str | Path]) -> list[Path]:
         paths = [paths]
     out = [Path(p) for p in paths]
     if not out:
-        raise ValueError("no data paths given")
+        raise UserValueError("no data paths given")
     return out
 
 
@@ -174,7 +176,7 @@ def decode_utf8(data: bytes, where: str, stats: ReadStats, strict: bool) -> str 
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         if strict:
-            raise ValueError(f"{where}: not valid UTF-8 (byte {e.start}): {e.reason}") from e
+            raise UserValueError(f"{where}: not valid UTF-8 (byte {e.start}): {e.reason}") from e
         stats.note_skip("non_utf8", where)
         return None
 
@@ -185,7 +187,7 @@ def read_file_text(
     """The whole (decompressed) text of one file, or None if it was skipped and counted."""
     if max_bytes is not None and path.stat().st_size > max_bytes:
         if strict:
-            raise ValueError(f"{path}: {path.stat().st_size} bytes exceeds max_bytes={max_bytes}")
+            raise UserValueError(f"{path}: {path.stat().st_size} bytes exceeds max_bytes={max_bytes}")
         stats.note_skip("too_large", str(path))
         return None
     with open_binary(path) as fh:
@@ -313,7 +315,7 @@ def _parse_jsonl_line(
 
 def _bad_line(where: str, why: str, stats: ReadStats, strict: bool) -> None:
     if strict:
-        raise ValueError(f"{where}: {why}")
+        raise UserValueError(f"{where}: {why}")
     stats.note_skip("bad_lines", where)
     return None
 
@@ -327,7 +329,7 @@ def read_documents(
     if fmt == "auto":
         fmt = "jsonl" if _looks_like_jsonl(Path(path)) else "text"
     if fmt not in readers:
-        raise ValueError(f"unknown document format {fmt!r}; expected one of {sorted(readers)}")
+        raise UserValueError(f"unknown document format {fmt!r}; expected one of {sorted(readers)}")
     return readers[fmt](path, **kwargs)
 
 

@@ -37,6 +37,7 @@ from mmfm.data.tokenizer import (
     special_token_ids,
     tokenizer_fingerprint,
 )
+from mmfm.errors import UserValueError
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "mmfm-token-shards"
@@ -51,7 +52,7 @@ def validate_key(key: str) -> str:
     other directories), no ".." (path traversal on extraction) and no "." at all, because
     WebDataset splits key from extension at the first dot of the member name."""
     if not key or "/" in key or "\\" in key or ".." in key or "." in key:
-        raise ValueError(f"invalid shard key {key!r}: keys may not be empty or contain "
+        raise UserValueError(f"invalid shard key {key!r}: keys may not be empty or contain "
                          "'/', '\\', '..' or '.'")
     return key
 
@@ -70,7 +71,7 @@ def write_token_shards(
     ``{prefix}{running number}``. Empty documents are skipped (counted in the index).
     """
     if docs_per_shard <= 0:
-        raise ValueError(f"docs_per_shard={docs_per_shard} must be > 0")
+        raise UserValueError(f"docs_per_shard={docs_per_shard} must be > 0")
     validate_key(prefix)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     specials = special_token_ids(tok)
@@ -95,7 +96,7 @@ def write_token_shards(
         per["tokens"] += len(ids)
     shards = writer.close()
     if not shards:
-        raise ValueError(f"no non-empty documents to write into {out}")
+        raise UserValueError(f"no non-empty documents to write into {out}")
     index = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
@@ -196,9 +197,9 @@ def load_index_json(path: Path, fmt: str, kind: str) -> dict[str, Any]:
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"unreadable shard index {path}: {e}") from None
+        raise UserValueError(f"unreadable shard index {path}: {e}") from None
     if index.get("format") != fmt or not index.get("shards"):
-        raise ValueError(f"{path} is not an mmfm {kind} shard index, or lists no shards")
+        raise UserValueError(f"{path} is not an mmfm {kind} shard index, or lists no shards")
     return index
 
 
@@ -207,17 +208,17 @@ def read_index(shards_dir: str | Path) -> dict[str, Any]:
     directory is missing, holds no shards, or its index is unreadable or incomplete."""
     d = Path(shards_dir)
     if not d.is_dir():
-        raise ValueError(f"shard directory does not exist: {d}")
+        raise UserValueError(f"shard directory does not exist: {d}")
     path = d / INDEX_NAME
     if not path.is_file():
         hint = " (it holds .tar files but no index.json: was writing interrupted?)" if any(
             d.glob("*.tar")) else ""
-        raise ValueError(f"no token shards in {d}: {INDEX_NAME} is missing{hint}; write "
+        raise UserValueError(f"no token shards in {d}: {INDEX_NAME} is missing{hint}; write "
                          "shards with `mmfm data shards`")
     index = load_index_json(path, INDEX_FORMAT, "token")
     missing = [s["name"] for s in index["shards"] if not (d / s["name"]).is_file()]
     if missing:
-        raise ValueError(f"shard index {path} lists missing shard files: {missing[:5]}")
+        raise UserValueError(f"shard index {path} lists missing shard files: {missing[:5]}")
     return index
 
 
@@ -248,5 +249,5 @@ def _sample(
     key: str, parts: dict[str, Any], path: str | Path
 ) -> tuple[str, np.ndarray, dict[str, Any]]:
     if TOKENS_EXT not in parts:
-        raise ValueError(f"shard {path}: sample {key!r} has no {TOKENS_EXT} member")
+        raise UserValueError(f"shard {path}: sample {key!r} has no {TOKENS_EXT} member")
     return key, parts[TOKENS_EXT].astype(np.int32, copy=False), parts.get(META_EXT, {})

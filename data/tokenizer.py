@@ -26,6 +26,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from mmfm.errors import UserValueError
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 IMAGE = "<|image|>"
@@ -55,7 +57,7 @@ def train_tokenizer(
     when given. `length` (number of texts) only drives the progress estimate.
     """
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
+        raise UserValueError(
             f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
             f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
         )
@@ -99,15 +101,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"tokenizer file not found: {path} (train one with `mmfm data tokenizer`)")
+        raise UserValueError(f"tokenizer file not found: {path} (train one with `mmfm data tokenizer`)")
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"tokenizer file is corrupt or not a tokenizers JSON: {path} ({first})") from e
+        raise UserValueError(f"tokenizer file is corrupt or not a tokenizers JSON: {path} ({first})") from e
     missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
     if missing:
-        raise ValueError(f"tokenizer {path} lacks the special tokens {missing}; retrain it "
+        raise UserValueError(f"tokenizer {path} lacks the special tokens {missing}; retrain it "
                          "with `mmfm data tokenizer`")
     return tok
 
@@ -117,7 +119,7 @@ def special_token_ids(tok: Tokenizer) -> dict[str, int]:
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     missing = [t for t, i in ids.items() if i is None]
     if missing:
-        raise ValueError(f"tokenizer lacks the special tokens {missing}")
+        raise UserValueError(f"tokenizer lacks the special tokens {missing}")
     return ids  # type: ignore[return-value]
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmfm.errors import UserValueError
+
 # kind -> the modality it encodes
 ENCODER_KINDS = {"openclip": "image", "patch": "image", "whisper": "audio"}
 TRAIN_MODES = ("trainable", "frozen", "unfreeze_after")
@@ -59,18 +61,18 @@ class EncoderConfig:
                      "n_mels", "n_fft", "hop_length", "subsample"):
             _positive(f"{path}.{name}", getattr(self, name))
         if self.width % self.heads:
-            raise ValueError(f"{path}.width={self.width} is not divisible by {path}.heads={self.heads}")
+            raise UserValueError(f"{path}.width={self.width} is not divisible by {path}.heads={self.heads}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"{path}.image_size={self.image_size} is not divisible by "
+            raise UserValueError(f"{path}.image_size={self.image_size} is not divisible by "
                              f"{path}.patch_size={self.patch_size}")
         if self.subsample & (self.subsample - 1):
-            raise ValueError(f"{path}.subsample={self.subsample} must be a power of 2")
+            raise UserValueError(f"{path}.subsample={self.subsample} must be a power of 2")
         if self.max_seconds <= 0:
-            raise ValueError(f"{path}.max_seconds={self.max_seconds} must be > 0")
+            raise UserValueError(f"{path}.max_seconds={self.max_seconds} must be > 0")
         if self.unfreeze_after_steps < 0:
-            raise ValueError(f"{path}.unfreeze_after_steps={self.unfreeze_after_steps} must be >= 0")
+            raise UserValueError(f"{path}.unfreeze_after_steps={self.unfreeze_after_steps} must be >= 0")
         if self.pretrained_path is not None and "://" in self.pretrained_path:
-            raise ValueError(f"{path}.pretrained_path={self.pretrained_path!r}: weights load "
+            raise UserValueError(f"{path}.pretrained_path={self.pretrained_path!r}: weights load "
                              "only from a local file, never from a URL or hub")
 
 
@@ -108,7 +110,7 @@ class MultimodalConfig:
         for modality, enc in self.encoders().items():
             enc.validate(f"{path}.{modality}")
             if enc.modality != modality:
-                raise ValueError(f"{path}.{modality}.kind={enc.kind!r} encodes {enc.modality}, "
+                raise UserValueError(f"{path}.{modality}.kind={enc.kind!r} encodes {enc.modality}, "
                                  f"not {modality}")
         self._validate_sources(path)
         _positive(f"{path}.shuffle_buffer", self.shuffle_buffer)
@@ -119,35 +121,35 @@ class MultimodalConfig:
     def _validate_sources(self, path: str) -> None:
         for name, src in self.sources.items():
             if src.weight <= 0:
-                raise ValueError(f"{path}.sources.{name}.weight={src.weight} must be > 0")
+                raise UserValueError(f"{path}.sources.{name}.weight={src.weight} must be > 0")
             if not src.train:
-                raise ValueError(f"{path}.sources.{name}.train is empty")
+                raise UserValueError(f"{path}.sources.{name}.train is empty")
 
     def _validate_routing(self, path: str, model: Any) -> None:
         if self.moe_routing == "shared":
             return
         if model.moe is None:
-            raise ValueError(f"{path}.moe_routing=modality needs an MoE model (model.moe is null)")
+            raise UserValueError(f"{path}.moe_routing=modality needs an MoE model (model.moe is null)")
         unknown = sorted(set(self.modality_experts) - set(MODALITIES))
         if unknown or "text" not in self.modality_experts:
-            raise ValueError(f"{path}.modality_experts={dict(self.modality_experts)} must name a "
+            raise UserValueError(f"{path}.modality_experts={dict(self.modality_experts)} must name a "
                              f"'text' group and only modalities in {', '.join(MODALITIES)}")
         total = sum(self.modality_experts.values())
         if total != model.moe.num_experts:
-            raise ValueError(f"{path}.modality_experts={dict(self.modality_experts)} hold {total} "
+            raise UserValueError(f"{path}.modality_experts={dict(self.modality_experts)} hold {total} "
                              f"experts but model.moe.num_experts={model.moe.num_experts} (the "
                              "groups partition the experts, so parameter counts stay true)")
         for modality, n in self.modality_experts.items():
             if n < model.moe.top_k:
-                raise ValueError(f"{path}.modality_experts.{modality}={n} is smaller than "
+                raise UserValueError(f"{path}.modality_experts.{modality}={n} is smaller than "
                                  f"model.moe.top_k={model.moe.top_k}")
 
 
 def _positive(path: str, value: float) -> None:
     if value <= 0:
-        raise ValueError(f"{path}={value} must be > 0")
+        raise UserValueError(f"{path}={value} must be > 0")
 
 
 def _choice(path: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{path}={value!r} is not one of {', '.join(allowed)}")
+        raise UserValueError(f"{path}={value!r} is not one of {', '.join(allowed)}")

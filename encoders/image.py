@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from mmfm.encoders.config import EncoderConfig
+from mmfm.errors import UserValueError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -56,7 +57,7 @@ def _vision_geometry(cfg: EncoderConfig) -> tuple[int, int]:
     if cfg.kind == "openclip" and cfg.openclip_model:
         vision = _named_vision_cfg(cfg.openclip_model)
         if "patch_size" not in vision:
-            raise ValueError(f"open_clip model {cfg.openclip_model!r} is not a ViT with patches; "
+            raise UserValueError(f"open_clip model {cfg.openclip_model!r} is not a ViT with patches; "
                              "use a ViT config (e.g. ViT-B-32)")
         size = vision.get("image_size", 224)
         return (size if isinstance(size, int) else size[0]), vision["patch_size"]
@@ -68,7 +69,7 @@ def _named_vision_cfg(name: str) -> dict:
 
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
-        raise ValueError(f"open_clip has no model config {name!r}; see open_clip.list_models()")
+        raise UserValueError(f"open_clip has no model config {name!r}; see open_clip.list_models()")
     return dict(model_cfg["vision_cfg"])
 
 
@@ -155,7 +156,7 @@ def load_local_vision_weights(visual: nn.Module, path: str | Path) -> None:
     state dict; `.safetensors` or a torch file (loaded with weights_only=True)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"pretrained_path {path} is not a local file (weights are never "
+        raise UserValueError(f"pretrained_path {path} is not a local file (weights are never "
                          "downloaded from a hub)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -169,6 +170,6 @@ def load_local_vision_weights(visual: nn.Module, path: str | Path) -> None:
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     missing, unexpected = visual.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"weights in {path} do not fit the configured vision tower: missing "
+        raise UserValueError(f"weights in {path} do not fit the configured vision tower: missing "
                          f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
 

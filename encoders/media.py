@@ -17,13 +17,14 @@ import torch
 from PIL import Image
 
 from mmfm.encoders.config import MODALITIES
+from mmfm.errors import UserValueError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 AUDIO_EXTS = ("flac", "wav", "ogg")
 MODALITY_IDS = {name: i for i, name in enumerate(MODALITIES)}  # text 0, image 1, audio 2
 
 
-class MediaError(ValueError):
+class MediaError(UserValueError):
     """A media member that cannot be decoded (truncated, corrupt, unsupported, empty)."""
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from mmfm.errors import UserValueError
+
 
 class Projector(nn.Module):
     """(N, T, E) encoder outputs -> (N, T, D) decoder-width embeddings."""
@@ -16,7 +18,7 @@ class Projector(nn.Module):
         elif kind == "mlp":
             self.net = nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
         else:
-            raise ValueError(f"projector kind {kind!r} is not one of linear, mlp")
+            raise UserValueError(f"projector kind {kind!r} is not one of linear, mlp")
 
     def forward(self, x_NTE: Tensor) -> Tensor:
         return self.net(x_NTE)

@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from mmfm.errors import UserValueError
+
 
 @runtime_checkable
 class ModalityEncoder(Protocol):
@@ -45,13 +47,13 @@ class EncoderRegistry:
 
     def register(self, name: str, factory: EncoderFactory) -> None:
         if name in self._factories:
-            raise ValueError(f"encoder {name!r} is already registered")
+            raise UserValueError(f"encoder {name!r} is already registered")
         self._factories[name] = factory
 
     def build(self, name: str, **kwargs: Any) -> ModalityEncoder:
         if name not in self._factories:
             known = ", ".join(sorted(self._factories)) or "none"
-            raise ValueError(f"unknown encoder {name!r}; registered: {known}")
+            raise UserValueError(f"unknown encoder {name!r}; registered: {known}")
         return self._factories[name](**kwargs)
 
     def names(self) -> list[str]:

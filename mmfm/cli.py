@@ -1,7 +1,8 @@
 """`mmfm` command line: data preparation, training, model info and the end-to-end demo.
 
-User errors (bad config values, missing data, damaged checkpoints) print one line,
-`error: ...`, and exit with status 2; set MMFM_DEBUG=1 to see the traceback instead.
+User errors (`mmfm.errors.MmfmError`: bad config values, missing data, damaged checkpoints)
+print one line, `error: ...`, and exit with status 2; set MMFM_DEBUG=1 to see the traceback
+instead. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from mmfm.config import ExperimentConfig, load_config
+from mmfm.errors import MmfmError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as err:  # ConfigError, CheckpointError and data errors are ValueErrors
+    except MmfmError as err:  # user errors: one line; anything else keeps its traceback
         if os.environ.get("MMFM_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)

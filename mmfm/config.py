@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mmfm.encoders.config import MultimodalConfig
+from mmfm.errors import UserValueError
 from mmfm.moe.config import MoEConfig
 from mmfm.parallel.config import ParallelConfig
 
@@ -25,7 +26,7 @@ PRECISIONS = ("fp32", "bf16")
 DATA_KINDS = ("text", "multimodal")  # which `mmfm.train.task` builds the model, data and loss
 
 
-class ConfigError(ValueError):
+class ConfigError(UserValueError):
     """A user error in a config file or override; the message is one line naming the field."""
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from mmfm.config import load_config
+from mmfm.errors import UserValueError
 
 
 def _stage(name: str, done_marker: Path, argv: list[str]) -> None:
@@ -23,7 +24,7 @@ def _stage(name: str, done_marker: Path, argv: list[str]) -> None:
     started = time.perf_counter()
     print(f"[demo] {name}: mmfm {' '.join(argv)}", flush=True)
     if main(argv) != 0:
-        raise ValueError(f"demo stage {name!r} failed (see the error above)")
+        raise UserValueError(f"demo stage {name!r} failed (see the error above)")
     print(f"[demo] {name}: {time.perf_counter() - started:.0f}s", flush=True)
 
 

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from mmfm.errors import UserValueError
+
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int,
                     capacity_factor: float) -> int:
@@ -33,7 +35,7 @@ def capacity_keep_mask(topk_idx_TK: Tensor, weight_TK: Tensor, capacity: int,
     elif policy == "position":
         priority_A = torch.arange(A, device=expert_A.device)
     else:
-        raise ValueError(f"model.moe.drop_policy={policy!r} is not one of probs, position")
+        raise UserValueError(f"model.moe.drop_policy={policy!r} is not one of probs, position")
     order_A = priority_A[torch.argsort(expert_A[priority_A], stable=True)]
     counts_E = torch.bincount(expert_A, minlength=num_experts)
     starts_E = torch.cumsum(counts_E, dim=0) - counts_E

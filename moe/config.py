@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from mmfm.errors import UserValueError
+
 ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
 EXPERT_BACKENDS = ("loop", "grouped_mm", "megablocks")
 DROP_POLICIES = ("probs", "position")
@@ -57,7 +59,7 @@ class MoEConfig:
         _positive(f"{path}.num_experts", self.num_experts)
         _positive(f"{path}.top_k", self.top_k)
         if self.top_k > self.num_experts:
-            raise ValueError(
+            raise UserValueError(
                 f"{path}.top_k={self.top_k} exceeds {path}.num_experts={self.num_experts}"
             )
         for name in ("expert_hidden", "shared_expert_hidden"):
@@ -65,43 +67,43 @@ class MoEConfig:
             if value is not None:
                 _positive(f"{path}.{name}", value)
         if self.num_shared_experts < 0:
-            raise ValueError(f"{path}.num_shared_experts={self.num_shared_experts} must be >= 0")
+            raise UserValueError(f"{path}.num_shared_experts={self.num_shared_experts} must be >= 0")
         _positive(f"{path}.every", self.every)
         if self.first_dense < 0:
-            raise ValueError(f"{path}.first_dense={self.first_dense} must be >= 0")
+            raise UserValueError(f"{path}.first_dense={self.first_dense} must be >= 0")
         _choice(f"{path}.score_func", self.score_func, ROUTER_SCORE_FUNCS)
         _choice(f"{path}.backend", self.backend, EXPERT_BACKENDS)
         if self.backend == "megablocks" and importlib.util.find_spec("megablocks") is None:
-            raise ValueError(MEGABLOCKS_MISSING.format(path=path))
+            raise UserValueError(MEGABLOCKS_MISSING.format(path=path))
         _choice(f"{path}.drop_policy", self.drop_policy, DROP_POLICIES)
         self._validate_groups(path)
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate",
                      "router_jitter"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{path}.{name}={getattr(self, name)} must be >= 0")
+                raise UserValueError(f"{path}.{name}={getattr(self, name)} must be >= 0")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(
+            raise UserValueError(
                 f"{path}.capacity_factor={self.capacity_factor} must be > 0 (or null for dropless)"
             )
 
     def _validate_groups(self, path: str) -> None:
         if (self.num_groups is None) != (self.topk_groups is None):
-            raise ValueError(f"{path}.num_groups and {path}.topk_groups must be set together")
+            raise UserValueError(f"{path}.num_groups and {path}.topk_groups must be set together")
         if self.num_groups is None:
             return
         _positive(f"{path}.num_groups", self.num_groups)
         if self.num_experts % self.num_groups:
-            raise ValueError(
+            raise UserValueError(
                 f"{path}.num_groups={self.num_groups} does not divide "
                 f"{path}.num_experts={self.num_experts}"
             )
         if not 1 <= self.topk_groups <= self.num_groups:
-            raise ValueError(
+            raise UserValueError(
                 f"{path}.topk_groups={self.topk_groups} must be in [1, {path}.num_groups={self.num_groups}]"
             )
         per_group = self.num_experts // self.num_groups
         if self.top_k > self.topk_groups * per_group:
-            raise ValueError(
+            raise UserValueError(
                 f"{path}.top_k={self.top_k} exceeds the {self.topk_groups * per_group} experts "
                 f"reachable in {path}.topk_groups={self.topk_groups} groups"
             )
@@ -113,9 +115,9 @@ class MoEConfig:
 
 def _positive(path: str, value: int) -> None:
     if value <= 0:
-        raise ValueError(f"{path}={value} must be > 0")
+        raise UserValueError(f"{path}={value} must be > 0")
 
 
 def _choice(path: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{path}={value!r} is not one of {', '.join(allowed)}")
+        raise UserValueError(f"{path}={value!r} is not one of {', '.join(allowed)}")

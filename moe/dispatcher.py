@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from mmfm.errors import UserValueError
+
 
 @dataclass
 class LocalState:
@@ -111,7 +113,7 @@ class AllToAllDispatcher:
         self.group = group
         self.ep = dist.get_world_size(group)
         if num_experts % self.ep:
-            raise ValueError(
+            raise UserValueError(
                 f"parallel.ep={self.ep} does not divide model.moe.num_experts={num_experts}"
             )
         self.num_experts = num_experts

@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmfm.errors import UserValueError
 from mmfm.moe.config import MEGABLOCKS_MISSING
 
 
-class BackendUnavailableError(ValueError):
+class BackendUnavailableError(UserValueError):
     """A configured compute backend cannot run here (missing package or hardware)."""
 
 
@@ -121,7 +122,7 @@ class Experts(nn.Module):
                  first_expert: int = 0) -> None:
         super().__init__()
         if backend not in BACKENDS:
-            raise ValueError(f"model.moe.backend={backend!r} is not one of {', '.join(BACKENDS)}")
+            raise UserValueError(f"model.moe.backend={backend!r} is not one of {', '.join(BACKENDS)}")
         check_backend_available(backend)
         self.backend = backend
         self.num_local = num_local

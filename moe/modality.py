@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mmfm.errors import UserValueError
 from mmfm.moe.config import MoEConfig
 from mmfm.moe.layer import MoELayer
 from mmfm.moe.losses import tokens_per_expert
@@ -40,7 +41,7 @@ class ModalityExperts(nn.Module):
                  default_expert_hidden: int, init_std: float = 0.02) -> None:
         super().__init__()
         if "text" not in groups or set(groups) - set(MODALITIES):
-            raise ValueError(f"modality expert groups {dict(groups)} must include 'text' and "
+            raise UserValueError(f"modality expert groups {dict(groups)} must include 'text' and "
                              f"only name {', '.join(MODALITIES)}")
         self.groups = nn.ModuleDict({
             name: MoELayer(dataclasses.replace(cfg, num_experts=n), d_model,
@@ -90,7 +91,7 @@ class ModalityExperts(nn.Module):
 
     def attach_trace(self, writer, layer_idx: int | None = None) -> None:
         if writer is not None:
-            raise ValueError("routing traces are not supported for modality expert groups "
+            raise UserValueError("routing traces are not supported for modality expert groups "
                              "(multimodal.moe_routing=modality); use shared routing to trace")
 
 

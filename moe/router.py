@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmfm.errors import UserValueError
 from mmfm.moe.config import MoEConfig
 from mmfm.moe.utils import restore_fp32_buffers
 
@@ -91,7 +92,7 @@ def _score(logits_TE: Tensor, score_func: str) -> Tensor:
         return logits_TE.t().softmax(dim=0).t().contiguous()
     if score_func == "sigmoid":
         return logits_TE.sigmoid()
-    raise ValueError(f"model.moe.score_func={score_func!r} is not one of softmax, sigmoid")
+    raise UserValueError(f"model.moe.score_func={score_func!r} is not one of softmax, sigmoid")
 
 
 def mask_to_top_groups(scores_TE: Tensor, num_groups: int, topk_groups: int) -> Tensor:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mmfm.errors import UserValueError
+
 
 @torch.no_grad()
 def upcycle_from_dense(layer: nn.Module, dense_ffn: nn.Module, noise_std: float = 0.0,
@@ -25,7 +27,7 @@ def upcycle_from_dense(layer: nn.Module, dense_ffn: nn.Module, noise_std: float 
     for name, w in dense.items():
         target: Tensor = getattr(experts, name)
         if target.shape[1:] != w.shape:
-            raise ValueError(
+            raise UserValueError(
                 f"cannot upcycle: expert {name} is {tuple(target.shape[1:])} but the dense FFN's "
                 f"is {tuple(w.shape)}; set model.moe.expert_hidden to the dense ffn_hidden"
             )

@@ -39,6 +39,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from mmfm.errors import UserValueError
+
 Document = dict[str, Any]
 Fail = Callable[[str, str], None]
 
@@ -72,7 +74,7 @@ class Normalize(Stage):
 
     def __init__(self, form: str = "NFC", collapse_spaces: bool = False):
         if form not in ("NFC", "NFKC", "NFD", "NFKD"):
-            raise ValueError(f"unknown unicode form {form!r}")
+            raise UserValueError(f"unknown unicode form {form!r}")
         self.form = form
         self.collapse_spaces = collapse_spaces
 
@@ -108,7 +110,7 @@ class HtmlToText(Stage):
 
     def __init__(self, extractor: str = "resiliparse", min_chars: int = 1):
         if extractor not in ("trafilatura", "resiliparse"):
-            raise ValueError(f"unknown extractor {extractor!r}; expected trafilatura or "
+            raise UserValueError(f"unknown extractor {extractor!r}; expected trafilatura or "
                              "resiliparse")
         self.extractor = extractor
         self.min_chars = min_chars
@@ -383,7 +385,7 @@ class PIIScrubber(Stage):
         self.kinds = set(kinds or PII_PLACEHOLDERS)
         unknown = self.kinds - set(PII_PLACEHOLDERS)
         if unknown:
-            raise ValueError(f"unknown PII kinds {sorted(unknown)}; expected {sorted(PII_PLACEHOLDERS)}")
+            raise UserValueError(f"unknown PII kinds {sorted(unknown)}; expected {sorted(PII_PLACEHOLDERS)}")
 
     def __call__(self, doc: Document) -> str | None:
         text, counts = scrub_pii(doc["text"]) if self.kinds == set(PII_PLACEHOLDERS) else \
@@ -422,7 +424,7 @@ def parse_stage_spec(spec: Any) -> tuple[str, dict[str, Any]]:
     if isinstance(spec, dict) and len(spec) == 1:
         (name, params), = spec.items()
         return str(name), dict(params or {})
-    raise ValueError("a chain entry is a stage name or a one-key mapping {name: {params}}")
+    raise UserValueError("a chain entry is a stage name or a one-key mapping {name: {params}}")
 
 
 def stage_params(name: str) -> set[str]:

@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import xxhash
 
+from mmfm.errors import UserValueError
+
 _WORD = re.compile(r"\w+")
 _FMIX = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35),
          np.uint32(16))
@@ -153,7 +155,7 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """``[n, bands]`` bucket keys: a 64-bit hash of each band's `rows` values."""
     n = sigs.shape[0]
     if sigs.shape[1] < bands * rows:
-        raise ValueError(f"signatures have {sigs.shape[1]} values, bands x rows needs "
+        raise UserValueError(f"signatures have {sigs.shape[1]} values, bands x rows needs "
                          f"{bands * rows}")
     view = np.ascontiguousarray(sigs[:, : bands * rows]).reshape(n, bands, rows)
     keys = np.empty((n, bands), dtype=np.uint64)

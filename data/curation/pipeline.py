@@ -39,6 +39,7 @@ from mmfm.data.curation.mixture import (
 from mmfm.data.curation.process import run_process_task, task_done
 from mmfm.data.curation.recipe import Recipe, recipe_from_dict
 from mmfm.data.curation.report import build_report, merge_task_stats, write_report
+from mmfm.errors import UserValueError
 
 DEFAULT_CACHE = Path.home() / ".cache" / "mmfm" / "packages"
 
@@ -59,7 +60,7 @@ class ProcessTask:
         try:
             run_process_task(recipe, rank, world_size, Path(self.cache_dir))
         except PackageFetchError as e:  # a user-facing one-liner, like every data error
-            raise ValueError(f"{e} (mark the source `optional: true` to skip it)") from e
+            raise UserValueError(f"{e} (mark the source `optional: true` to skip it)") from e
 
 
 def prepare_work_dir(recipe: Recipe, fresh: bool = False) -> Path:
@@ -124,7 +125,7 @@ def run_processing(recipe: Recipe, cache_dir: Path) -> list[dict[str, Any]] | No
         if not all(task_done(work, r) for r in range(world)):
             if recipe.executor.kind == "local":
                 missing = [r for r in range(world) if not task_done(work, r)]
-                raise ValueError(f"curation task(s) {missing} failed: {_last_error(work)} "
+                raise UserValueError(f"curation task(s) {missing} failed: {_last_error(work)} "
                                  f"(logs: {work / 'logs'})")
             return None
     return [json.loads((work / "process" / f"{r:05d}.stats.json").read_text())

@@ -22,6 +22,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mmfm.errors import UserValueError
+
 KINDS = ("web", "books", "code", "academic", "encyclopedic", "docs", "boilerplate", "other")
 FORMATS = ("text", "jsonl", "parquet", "code", "html", "builtin")
 BUILTINS = ("wikipedia", "shakespeare", "python_stdlib", "common_licenses", "debian_copyright",
@@ -30,7 +32,7 @@ EXECUTORS = ("local", "slurm", "ray")
 KEEP_RULES = ("priority",)
 
 
-class RecipeError(ValueError):
+class RecipeError(UserValueError):
     """A user error in a recipe; the message is one line naming the file and field."""
 
 

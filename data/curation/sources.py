@@ -27,6 +27,7 @@ from mmfm.data.readers import (
     read_jsonl,
     strip_compression_suffix,
 )
+from mmfm.errors import UserValueError
 
 DEFAULT_EXTENSIONS = {
     "text": TEXT_EXTENSIONS, "jsonl": (".jsonl", ".json"), "parquet": (".parquet",),
@@ -90,7 +91,7 @@ def _bad_file(f: Path, e: Exception, stats: SourceStats, strict: bool) -> None:
     if strict:
         if isinstance(e, ValueError) and str(e).startswith(str(f)):
             raise e
-        raise ValueError(f"{f}: cannot read: {type(e).__name__}: {e}") from e
+        raise UserValueError(f"{f}: cannot read: {type(e).__name__}: {e}") from e
     stats.note_skip("unreadable", f"{f}: {type(e).__name__}: {str(e)[:200]}")
 
 
@@ -107,7 +108,7 @@ def _one_file(src: SourceSpec, f: Path, rel: str, stats: SourceStats, strict: bo
         return
     if f.stat().st_size > MAX_FILE_BYTES:
         if strict:
-            raise ValueError(f"{f}: {f.stat().st_size} bytes is over {MAX_FILE_BYTES}")
+            raise UserValueError(f"{f}: {f.stat().st_size} bytes is over {MAX_FILE_BYTES}")
         stats.note_skip("too_large", str(f))
         return
     with open_binary(f) as fh:
@@ -133,7 +134,7 @@ def _parquet_docs(src: SourceSpec, f: Path, rel: str, stats: SourceStats, strict
     pf = pq.ParquetFile(f)
     names = pf.schema_arrow.names
     if src.text_field not in names:
-        raise ValueError(f"{f}: no column {src.text_field!r} (columns: {names})")
+        raise UserValueError(f"{f}: no column {src.text_field!r} (columns: {names})")
     cols = [c for c in (src.text_field, src.id_field) if c and c in names]
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=cols):
@@ -143,7 +144,7 @@ def _parquet_docs(src: SourceSpec, f: Path, rel: str, stats: SourceStats, strict
             where = f"{f}:row {row}"
             if not isinstance(text, str) or not text.strip():
                 if strict and not isinstance(text, str):
-                    raise ValueError(f"{where}: {src.text_field!r} is not a string")
+                    raise UserValueError(f"{where}: {src.text_field!r} is not a string")
                 stats.note_skip("empty", where)
                 continue
             stats.note_doc(text)
@@ -177,12 +178,12 @@ def builtin_docs(src: SourceSpec, stats: SourceStats, cache_dir: Path, strict: b
                          "debian_html_docs": ("/usr/share/doc", "**/*.html")}[name]
         files = [p for p in Path(root).glob(pattern) if p.is_file() and not p.is_symlink()]
         if not files:
-            raise ValueError(f"builtin source {name}: no files {root}/{pattern} here")
+            raise UserValueError(f"builtin source {name}: no files {root}/{pattern} here")
         files = corpus.sample_files(files, src.max_bytes)
         yield from _files_as_docs(src, files, Path(root), stats, strict,
                                   "html" if name == "debian_html_docs" else "text")
     else:  # validated by the recipe
-        raise ValueError(f"unknown builtin source {name!r}")
+        raise UserValueError(f"unknown builtin source {name!r}")
 
 
 def _files_as_docs(src: SourceSpec, files: list[Path], root: Path, stats: SourceStats,

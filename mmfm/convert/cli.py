@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mmfm.config import ExperimentConfig, config_from_dict, load_config, save_config
+from mmfm.errors import UserValueError
 
 MODEL_FILE, CONFIG_FILE, META_FILE = "model.safetensors", "config.yaml", "meta.json"
 
@@ -139,7 +140,7 @@ def _find_checkpoint(path: Path):
         found = latest_checkpoint(root)
         if found is not None:
             return found
-    raise ValueError(f"{path} holds no checkpoint ({META_FILE} or step_* folders)")
+    raise UserValueError(f"{path} holds no checkpoint ({META_FILE} or step_* folders)")
 
 
 def load_model_dir(path: Path) -> tuple[ExperimentConfig, Any]:
@@ -147,10 +148,10 @@ def load_model_dir(path: Path) -> tuple[ExperimentConfig, Any]:
     from mmfm.model import Decoder
 
     if not path.exists():
-        raise ValueError(f"{path} does not exist")
+        raise UserValueError(f"{path} does not exist")
     ckpt = _find_checkpoint(path)
     if "config" not in ckpt.meta:
-        raise ValueError(f"checkpoint {ckpt.path}: {META_FILE} has no config")
+        raise UserValueError(f"checkpoint {ckpt.path}: {META_FILE} has no config")
     cfg = config_from_dict(ckpt.meta["config"])
     model = Decoder(cfg.model)
     ckpt.load_model(model)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from mmfm.config import ModelConfig
+from mmfm.errors import UserValueError
 from mmfm.model import Decoder
 from mmfm.moe import MoEConfig
 
@@ -72,7 +73,7 @@ def check_mixtral_compatible(moe: MoEConfig, path: str = "model.moe") -> None:
     ]
     for name, ok, why in rules:
         if not ok:
-            raise ValueError(
+            raise UserValueError(
                 f"{path}.{name}={getattr(moe, name)!r} cannot be exported to Mixtral: {why}")
 
 
@@ -119,7 +120,7 @@ def _check_hf_expressible(hf_cfg) -> None:
     """Raise ValueError naming the first transformers config field mmfm cannot express."""
     kind = hf_cfg.model_type
     if kind not in ("mixtral", "llama"):
-        raise ValueError(f"config.model_type={kind!r}: only mixtral and llama can be imported")
+        raise UserValueError(f"config.model_type={kind!r}: only mixtral and llama can be imported")
     head_dim = _hf_field(hf_cfg, "head_dim") or hf_cfg.hidden_size // hf_cfg.num_attention_heads
     rope = _hf_field(hf_cfg, "rope_parameters") or {}
     rules = [
@@ -136,7 +137,7 @@ def _check_hf_expressible(hf_cfg) -> None:
     ]
     for name, ok, why in rules:
         if not ok:
-            raise ValueError(
+            raise UserValueError(
                 f"config.{name}={_hf_field(hf_cfg, name)!r} cannot be imported: {why}")
 
 
@@ -225,7 +226,7 @@ def _check_no_selection_bias(model: Decoder) -> None:
     """A trained aux-loss-free bias changes which experts are chosen; Mixtral has none."""
     for idx, layer in model.moe_layers():
         if bool(layer.router.expert_bias.any()):
-            raise ValueError(
+            raise UserValueError(
                 f"blocks.{idx}.ffn.router.expert_bias is nonzero (aux-loss-free balancing): "
                 "Mixtral selects experts without a bias, so the exported model would route "
                 "differently")
@@ -281,7 +282,7 @@ def save_tokenizer(tokenizer_path: str | Path, out_dir: Path) -> dict[str, int]:
 
     path = Path(tokenizer_path)
     if not path.is_file():
-        raise ValueError(f"tokenizer {path} does not exist")
+        raise UserValueError(f"tokenizer {path} does not exist")
     specials = _known_special_tokens(path)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(path), **specials)
     tok.save_pretrained(out_dir)
@@ -326,7 +327,7 @@ def _load_hf_dir(path: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path} is not a Hugging Face model directory (no config.json)")
+        raise UserValueError(f"{path} is not a Hugging Face model directory (no config.json)")
     _check_hf_expressible(AutoConfig.from_pretrained(path))
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 

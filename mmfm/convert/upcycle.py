@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from mmfm.config import ModelConfig
+from mmfm.errors import UserValueError
 from mmfm.model import Decoder
 from mmfm.moe.upcycle import upcycle_from_dense
 
@@ -26,26 +27,26 @@ def check_upcyclable(dense_cfg: ModelConfig, moe_cfg: ModelConfig) -> None:
     """Raise ValueError naming the first field that makes `moe_cfg` not an upcycle of
     `dense_cfg` (shapes differ, expert width differs from the dense FFN width, ...)."""
     if dense_cfg.moe is not None:
-        raise ValueError("dense model: model.moe must be null (the source must be dense)")
+        raise UserValueError("dense model: model.moe must be null (the source must be dense)")
     if moe_cfg.moe is None:
-        raise ValueError("model.moe is null: the upcycling target must be an MoE config")
+        raise UserValueError("model.moe is null: the upcycling target must be an MoE config")
     moe_cfg.validate()
     for name in _SHARED_FIELDS:
         mine, theirs = getattr(moe_cfg, name), getattr(dense_cfg, name)
         if mine != theirs:
-            raise ValueError(f"model.{name}={mine} differs from the dense model's {name}={theirs}")
+            raise UserValueError(f"model.{name}={mine} differs from the dense model's {name}={theirs}")
     expert_hidden = moe_cfg.moe.expert_hidden or moe_cfg.ffn_hidden
     if expert_hidden != dense_cfg.ffn_hidden:
-        raise ValueError(
+        raise UserValueError(
             f"model.moe.expert_hidden={expert_hidden} must equal the dense model's "
             f"ffn_hidden={dense_cfg.ffn_hidden} (each expert is a copy of the dense FFN)")
     has_dense_layers = any(not moe_cfg.moe.is_moe_layer(i) for i in range(moe_cfg.n_layers))
     if has_dense_layers and moe_cfg.ffn_hidden != dense_cfg.ffn_hidden:
-        raise ValueError(
+        raise UserValueError(
             f"model.ffn_hidden={moe_cfg.ffn_hidden} must equal the dense model's "
             f"ffn_hidden={dense_cfg.ffn_hidden} (its dense layers copy the dense FFN)")
     if moe_cfg.moe.num_shared_experts:
-        raise ValueError(
+        raise UserValueError(
             f"model.moe.num_shared_experts={moe_cfg.moe.num_shared_experts}: upcycling copies the "
             "dense FFN into routed experts only; set it to 0")
 
@@ -66,7 +67,7 @@ def upcycle_dense_to_moe(dense_model: Decoder, moe_model_cfg: ModelConfig,
     `seed` fixes the router init and the noise; `noise_std` is the standard deviation of the
     additive Gaussian noise on every expert weight (0: exact copies)."""
     if noise_std < 0:
-        raise ValueError(f"noise_std={noise_std} must be >= 0")
+        raise UserValueError(f"noise_std={noise_std} must be >= 0")
     check_upcyclable(dense_model.cfg, moe_model_cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from mmfm.errors import UserValueError
 from mmfm.moe.config import MoEConfig
 
 
@@ -76,7 +77,7 @@ def dense_equivalent(cfg):
     """The dense twin of an MoE config: same width, depth, attention and vocabulary, every layer a
     dense SwiGLU whose hidden size makes active parameters per token match the MoE model."""
     if cfg.moe is None:
-        raise ValueError("model.moe is null: the config is already dense")
+        raise UserValueError("model.moe is null: the config is already dense")
     ffn_active = 0
     for layer in range(cfg.n_layers):
         if cfg.moe.is_moe_layer(layer):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from mmfm.errors import UserValueError
 from mmfm.model.fused_loss import IGNORE_INDEX, fused_linear_cross_entropy
 from mmfm.model.layers import (
     Attention,
@@ -111,7 +112,7 @@ class Decoder(nn.Module):
         """
         T = input_ids_BT.shape[1]
         if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            raise UserValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         mask = _attention_mask(doc_ids_BT)
         h_BTD = self.embed(input_ids_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfm.encoders.media import MODALITY_IDS, MediaTensors
+from mmfm.errors import UserValueError
 from mmfm.model.decoder import Decoder, DecoderOutput
 from mmfm.model.layers import output_std
 
@@ -24,7 +25,7 @@ __all__ = ["MODALITY_IDS", "EncoderSlot", "MediaTensors", "MultimodalModel",
            "PlaceholderMismatchError", "install_modality_moe", "placeholder_runs", "scatter_media"]
 
 
-class PlaceholderMismatchError(ValueError):
+class PlaceholderMismatchError(UserValueError):
     """Placeholder runs in the token ids do not match the media items' token counts."""
 
 
@@ -100,7 +101,7 @@ class MultimodalModel(nn.Module):
         super().__init__()
         missing = sorted(set(slots) - set(placeholder_ids))
         if missing:
-            raise ValueError(f"no placeholder token id for modalities {missing}")
+            raise UserValueError(f"no placeholder token id for modalities {missing}")
         self.decoder = decoder
         self.slots = nn.ModuleDict(slots)
         self.placeholder_ids = dict(placeholder_ids)
@@ -168,7 +169,7 @@ def install_modality_moe(decoder: Decoder, routing: str, groups: dict[str, int])
     cfg = decoder.cfg
     if cfg.moe is None:
         if routing == "modality":
-            raise ValueError("multimodal.moe_routing=modality needs an MoE model")
+            raise UserValueError("multimodal.moe_routing=modality needs an MoE model")
         return
     for block in decoder.blocks:
         if not block.is_moe:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from mmfm.errors import UserValueError
 from mmfm.parallel.config import ParallelConfig
 from mmfm.parallel.expert_parallel import apply_expert_parallel
 from mmfm.parallel.grads import GradSpec, all_reduce_grads, clip_grads, sync_tied_grads
@@ -223,7 +224,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
     """Lay `model` (a Decoder, identical on every rank) out as `cfg` says over `dims`."""
     cfg.validate("parallel", decoder_of(model).cfg, world_size=dims.world_size)
     if decoder_of(model) is not model and max(dims.pp, dims.tp, dims.ep) > 1:
-        raise ValueError(
+        raise UserValueError(
             "parallel.tp/pp/ep > 1 are implemented for the text decoder; the multimodal model "
             "trains data-parallel (parallel.dp with engine ddp, fsdp or deepspeed)")
     if dims.pp > 1:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from mmfm.errors import UserValueError
+
 ENGINES = ("ddp", "fsdp", "deepspeed")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 # ZeRO stages each engine can express, and the one it uses when `zero_stage` is null.
@@ -76,7 +78,7 @@ class ParallelConfig:
         if train_cfg is not None and self.pp > 1:
             rows = train_cfg.micro_batch_size * train_cfg.grad_accum
             if rows % self.microbatches:
-                raise ValueError(
+                raise UserValueError(
                     f"{path}.microbatches={self.microbatches} does not divide the "
                     f"{rows} rows per step (train.micro_batch_size={train_cfg.micro_batch_size}"
                     f" × train.grad_accum={train_cfg.grad_accum})")
@@ -84,36 +86,36 @@ class ParallelConfig:
     def _validate_own(self, path: str) -> None:
         for name in ("tp", "pp", "ep", "microbatches", "pp_virtual_stages"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{path}.{name}={getattr(self, name)} must be >= 1")
+                raise UserValueError(f"{path}.{name}={getattr(self, name)} must be >= 1")
         if self.dp is not None and self.dp < 1:
-            raise ValueError(f"{path}.dp={self.dp} must be >= 1 (or null for the rest of the world)")
+            raise UserValueError(f"{path}.dp={self.dp} must be >= 1 (or null for the rest of the world)")
         if self.engine not in ENGINES:
-            raise ValueError(f"{path}.engine={self.engine!r} is not one of {', '.join(ENGINES)}")
+            raise UserValueError(f"{path}.engine={self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-            raise ValueError(f"{path}.engine=deepspeed needs the deepspeed package, which is not "
+            raise UserValueError(f"{path}.engine=deepspeed needs the deepspeed package, which is not "
                              f"installed: `pip install deepspeed`, or set {path}.engine=fsdp")
         if self.stage not in ENGINE_STAGES[self.engine]:
             allowed = ", ".join(map(str, ENGINE_STAGES[self.engine]))
             hint = " (FSDP2 always shards gradients; ZeRO-1 needs parallel.engine=deepspeed)" \
                 if self.engine == "fsdp" else ""
-            raise ValueError(f"{path}.zero_stage={self.zero_stage} is not available with "
+            raise UserValueError(f"{path}.zero_stage={self.zero_stage} is not available with "
                              f"{path}.engine={self.engine} (allowed: {allowed}){hint}")
         if self.engine == "deepspeed":
             self._validate_deepspeed(path)
         self._validate_pipeline(path)
         for name in ("timeout_s", "rank_timeout_s"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{path}.{name}={getattr(self, name)} must be >= 0")
+                raise UserValueError(f"{path}.{name}={getattr(self, name)} must be >= 0")
 
     def _validate_deepspeed(self, path: str) -> None:
         for name in ("tp", "pp"):
             if getattr(self, name) > 1:
-                raise ValueError(
+                raise UserValueError(
                     f"{path}.engine=deepspeed composes with data and expert parallelism only, "
                     f"not {path}.{name}={getattr(self, name)}; use {path}.engine=fsdp (or ddp) "
                     f"for tensor and pipeline layouts")
         if self.stage == 3 and self.ep > 1:
-            raise ValueError(
+            raise UserValueError(
                 f"{path}.engine=deepspeed with {path}.zero_stage=3 cannot shard expert-parallel "
                 f"experts ({path}.ep={self.ep}): DeepSpeed ZeRO-3 partitions every weight over "
                 f"all data-parallel ranks; use {path}.engine=fsdp (shards experts over their "
@@ -121,23 +123,23 @@ class ParallelConfig:
 
     def _validate_pipeline(self, path: str) -> None:
         if self.pp_schedule not in PP_SCHEDULES:
-            raise ValueError(
+            raise UserValueError(
                 f"{path}.pp_schedule={self.pp_schedule!r} is not one of {', '.join(PP_SCHEDULES)}")
         if self.pp == 1:
             return
         interleaved = self.pp_schedule == "interleaved_1f1b"
         if interleaved and self.pp_virtual_stages < 2:
-            raise ValueError(f"{path}.pp_schedule=interleaved_1f1b needs "
+            raise UserValueError(f"{path}.pp_schedule=interleaved_1f1b needs "
                              f"{path}.pp_virtual_stages >= 2 (got {self.pp_virtual_stages})")
         if not interleaved and self.pp_virtual_stages != 1:
-            raise ValueError(f"{path}.pp_virtual_stages={self.pp_virtual_stages} needs "
+            raise UserValueError(f"{path}.pp_virtual_stages={self.pp_virtual_stages} needs "
                              f"{path}.pp_schedule=interleaved_1f1b")
         if self.pp_schedule != "gpipe" and self.microbatches < self.num_stages:
-            raise ValueError(
+            raise UserValueError(
                 f"{path}.pp_schedule={self.pp_schedule} needs {path}.microbatches="
                 f"{self.microbatches} >= the {self.num_stages} pipeline stages")
         if interleaved and self.microbatches % self.pp:
-            raise ValueError(f"{path}.pp_schedule=interleaved_1f1b needs {path}.microbatches="
+            raise UserValueError(f"{path}.pp_schedule=interleaved_1f1b needs {path}.microbatches="
                              f"{self.microbatches} to be a multiple of {path}.pp={self.pp}")
 
     def _validate_model(self, path: str, model_cfg) -> None:
@@ -146,20 +148,20 @@ class ParallelConfig:
             for name in ("n_heads", "n_kv_heads", "ffn_hidden"):
                 value = getattr(model_cfg, name)
                 if value % self.tp:
-                    raise ValueError(f"{path}.tp={self.tp} does not divide {m}.{name}={value}")
+                    raise UserValueError(f"{path}.tp={self.tp} does not divide {m}.{name}={value}")
             moe = model_cfg.moe
             if moe is not None and moe.num_shared_experts:
                 shared = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden
                                                    or model_cfg.ffn_hidden)
                 if shared % self.tp:
-                    raise ValueError(f"{path}.tp={self.tp} does not divide the shared-expert "
+                    raise UserValueError(f"{path}.tp={self.tp} does not divide the shared-expert "
                                      f"hidden size {shared} ({m}.moe.num_shared_experts × "
                                      f"{m}.moe.shared_expert_hidden)")
         if self.ep > 1:
             if model_cfg.moe is None:
-                raise ValueError(f"{path}.ep={self.ep} needs an MoE model, but {m}.moe is null")
+                raise UserValueError(f"{path}.ep={self.ep} needs an MoE model, but {m}.moe is null")
             if model_cfg.moe.num_experts % self.ep:
-                raise ValueError(f"{path}.ep={self.ep} does not divide "
+                raise UserValueError(f"{path}.ep={self.ep} does not divide "
                                  f"{m}.moe.num_experts={model_cfg.moe.num_experts}")
         self._validate_split(path, model_cfg.n_layers)
 
@@ -167,30 +169,30 @@ class ParallelConfig:
         stages = self.num_stages
         if stages == 1:
             if self.pp_split is not None and list(self.pp_split) != [n_layers]:
-                raise ValueError(f"{path}.pp_split={list(self.pp_split)} is set but {path}.pp=1")
+                raise UserValueError(f"{path}.pp_split={list(self.pp_split)} is set but {path}.pp=1")
             return
         if self.pp_split is None:
             if n_layers % stages:
-                raise ValueError(
+                raise UserValueError(
                     f"{path}.pp={self.pp} × {path}.pp_virtual_stages={self.pp_virtual_stages} = "
                     f"{stages} stages do not divide model.n_layers={n_layers}; give "
                     f"{path}.pp_split (layers per stage)")
             return
         split = list(self.pp_split)
         if len(split) != stages or any(n < 1 for n in split) or sum(split) != n_layers:
-            raise ValueError(
+            raise UserValueError(
                 f"{path}.pp_split={split} must list {stages} positive layer counts summing to "
                 f"model.n_layers={n_layers}")
 
     def _validate_world(self, path: str, world_size: int) -> None:
         dp = self.resolved_dp(world_size)
         if dp * self.tp * self.pp != world_size:
-            raise ValueError(
+            raise UserValueError(
                 f"{path}.dp={dp} × {path}.tp={self.tp} × {path}.pp={self.pp} = "
                 f"{dp * self.tp * self.pp} does not equal the world size {world_size} "
                 f"(processes launched)")
         if dp % self.ep:
-            raise ValueError(f"{path}.ep={self.ep} does not divide {path}.dp={dp}: expert-parallel "
+            raise UserValueError(f"{path}.ep={self.ep} does not divide {path}.dp={dp}: expert-parallel "
                              f"ranks are drawn from the data-parallel ranks")
 
     def stage_layers(self, n_layers: int) -> list[list[int]]:

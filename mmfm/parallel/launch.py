@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mmfm.errors import UserValueError
+
 LAUNCHERS_DIR = Path(__file__).resolve().parents[2] / "launchers"
 LAUNCHERS = ("torchrun", "deepspeed", "slurm")
 
@@ -54,7 +56,7 @@ def deepspeed_command(config: str, overrides: list[str], per_node: int) -> list[
 def slurm_command(config: str, overrides: list[str], nodes: int, per_node: int) -> list[str]:
     script = LAUNCHERS_DIR / "slurm.sbatch"
     if not script.is_file():
-        raise ValueError(f"{script} not found: the SLURM launcher lives in the repository's "
+        raise UserValueError(f"{script} not found: the SLURM launcher lives in the repository's "
                          f"launchers/ folder (not installed with the wheel)")
     return ["sbatch", f"--nodes={nodes}", f"--gpus-per-node={per_node}", str(script), config,
             *overrides]
@@ -78,7 +80,7 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
     launcher = args.launcher or ("torchrun" if args.nodes == 1 else "slurm")
     if launcher == "deepspeed":
         if args.nodes > 1:
-            raise ValueError("--launcher deepspeed supports one node here; use --launcher slurm "
+            raise UserValueError("--launcher deepspeed supports one node here; use --launcher slurm "
                              "for several nodes")
         return [deepspeed_command(args.config, args.overrides, args.gpus_per_node)]
     if launcher == "slurm":
@@ -90,7 +92,7 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     if args.nodes < 1 or args.gpus_per_node < 1:
-        raise ValueError("--nodes and --gpus-per-node must be >= 1")
+        raise UserValueError("--nodes and --gpus-per-node must be >= 1")
     world = args.nodes * args.gpus_per_node
     print(f"# {check_layout(args.config, args.overrides, world)}")
     cmds = commands(args)
@@ -101,7 +103,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if not args.run:
         return 0
     if len(cmds) > 1:
-        raise ValueError("--run starts one command; run the per-node commands on each node, "
+        raise UserValueError("--run starts one command; run the per-node commands on each node, "
                          "or use --launcher slurm")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.call(cmds[0], env=env)

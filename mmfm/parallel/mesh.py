@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from mmfm.errors import UserValueError
 from mmfm.parallel.config import ParallelConfig
 
 
@@ -159,7 +160,7 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
                    if k not in os.environ]
         if missing:
-            raise ValueError(f"distributed run needs {', '.join(missing)} in the environment: "
+            raise UserValueError(f"distributed run needs {', '.join(missing)} in the environment: "
                              f"launch it with torchrun or `mmfm launch`")
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from mmfm.config import ConfigError, ExperimentConfig
+from mmfm.errors import UserValueError
 from mmfm.metrics import MetricsLogger, collect_moe_metrics
 from mmfm.model.counting import count_params, flops_per_token
 from mmfm.model.decoder import lm_loss
@@ -217,7 +218,7 @@ class DistributedTrainer(Trainer):
             total += loss * n
             count += n
         if count == 0:
-            raise ValueError(f"data.val_shards={self.cfg.data.val_shards} yielded no tokens")
+            raise UserValueError(f"data.val_shards={self.cfg.data.val_shards} yielded no tokens")
         return total / count
 
     # ------------------------------------------------------------------ lifecycle

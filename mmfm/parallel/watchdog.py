@@ -25,10 +25,12 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from mmfm.errors import MmfmError
+
 EXIT_CODE = 3
 
 
-class RankFailure(RuntimeError):
+class RankFailure(MmfmError, RuntimeError):
     """Another rank of the run died or stopped responding."""
 
 

@@ -21,11 +21,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from mmfm.errors import UserValueError
+
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.pt", "meta.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserValueError):
     """A checkpoint that cannot be used; the message names it and, where one exists, a good one."""
 
 

@@ -18,6 +18,7 @@ from mmfm.data.tokenizer import AUDIO, IMAGE, load_tokenizer, special_token_ids
 from mmfm.encoders.config import MODALITIES
 from mmfm.encoders.projector import Projector
 from mmfm.encoders.registry import default_registry
+from mmfm.errors import UserValueError
 from mmfm.model.decoder import Decoder
 from mmfm.model.fusion import EncoderSlot, MultimodalModel, install_modality_moe
 from mmfm.train.task import LossOutput
@@ -28,7 +29,7 @@ class MultimodalTask:
 
     def __init__(self, cfg) -> None:
         if cfg.multimodal is None:
-            raise ValueError("data.kind=multimodal needs a multimodal: section")
+            raise UserValueError("data.kind=multimodal needs a multimodal: section")
         self.cfg, self.mm = cfg, cfg.multimodal
         self.loader: MMLoader | None = None
 
@@ -66,7 +67,7 @@ class MultimodalTask:
     def _eval_iter(self, max_batches: int) -> Iterator[MMBatch]:
         val = [(name, s.val) for name, s in self.mm.sources.items() if s.val]
         if not val:
-            raise ValueError("no validation data: set multimodal.sources[*].val")
+            raise UserValueError("no validation data: set multimodal.sources[*].val")
         return iter_mm_eval_batches(val, self.cfg.data.tokenizer, self.cfg.data.seq_len,
                                     self.cfg.train.micro_batch_size, self.mm.encoders(),
                                     max_batches, strict=self.mm.strict,
@@ -192,5 +193,5 @@ def _keep_written_sets(cfg, shards) -> None:
         elif not (shards / name / "val" / "index.json").is_file():
             cfg.multimodal.sources[name].val = None
     if not cfg.multimodal.sources:
-        raise ValueError(f"no multimodal shard set could be written under {shards}")
+        raise UserValueError(f"no multimodal shard set could be written under {shards}")
     cfg.validate()

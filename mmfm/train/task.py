@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from mmfm.data.loader import Batch, TokenLoader, iter_eval_batches
 from mmfm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from mmfm.errors import UserValueError
 from mmfm.model import IGNORE_INDEX, Decoder
 
 
@@ -88,7 +89,7 @@ def build_task(cfg) -> Task:
     """The task for `cfg.data.kind`."""
     kind = getattr(cfg.data, "kind", "text")
     if kind not in TASKS:
-        raise ValueError(f"data.kind={kind!r} is not one of {', '.join(TASKS)}")
+        raise UserValueError(f"data.kind={kind!r} is not one of {', '.join(TASKS)}")
     return TASKS[kind](cfg)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from mmfm.config import ExperimentConfig, save_config
+from mmfm.errors import UserValueError
 from mmfm.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, collect_moe_metrics
 from mmfm.model.counting import count_params, flops_per_token
 from mmfm.train.checkpoint import (
@@ -187,7 +188,7 @@ class Trainer:
             total += out.lm_loss.item() * out.num_targets
             count += out.num_targets
         if count == 0:
-            raise ValueError(f"data.val_shards={self.cfg.data.val_shards} yielded no tokens")
+            raise UserValueError(f"data.val_shards={self.cfg.data.val_shards} yielded no tokens")
         return total / count
 
     def save(self) -> Path:
