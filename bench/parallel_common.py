@@ -12,7 +12,7 @@ about 2(n-1)/n of an all-reduce payload on the wire and (n-1)/n of the others.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import statistics
 import time
 from collections import defaultdict
@@ -144,37 +144,24 @@ def analytic_bytes(cfg: ModelConfig, pcfg: ParallelConfig, dp: int, rows_per_ran
 # ----------------------------------------------------------------------------- one layout
 
 def run_layout(model_cfg: ModelConfig, pcfg: ParallelConfig, tcfg: TrainConfig,
-               global_rows: int, seq: int, warmup: int, timed: int, profiled: int,
-               autocast=contextlib.nullcontext) -> dict:
+               global_rows: int, seq: int, warmup: int, timed: int, profiled: int) -> dict:
     """Collective: train `warmup + timed + profiled` steps; rank 0 returns the measurements."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mmfm.model import Decoder
-    from mmfm.parallel.api import parallelize
-    from mmfm.parallel.mesh import build_dims
-    from mmfm.parallel.runner import FixedBatchTask, local_chunks, make_batches, num_chunks
-    from mmfm.parallel.step import forward_backward
-    from mmfm.train.optim import build_scheduler
+    from mmfm.parallel.runner import fixed_batch_trainer, make_batches, num_chunks
 
-    dims = build_dims(pcfg)
-    torch.manual_seed(0)
-    pm = parallelize(Decoder(model_cfg), dims, pcfg)
-    chunks = num_chunks(pcfg, tcfg)
-    optimizer = pm.build_optimizer(tcfg, grad_accum=chunks)
-    scheduler = build_scheduler(optimizer, tcfg)
     steps = warmup + timed + profiled
+    tcfg = dataclasses.replace(tcfg, grad_accum=1 if pcfg.pp > 1 else tcfg.grad_accum)
     batches = make_batches(steps, global_rows, seq, model_cfg.vocab_size)
-    task = FixedBatchTask()
+    trainer = fixed_batch_trainer(model_cfg, pcfg, tcfg, batches)
+    dims, chunks = trainer.dims, num_chunks(pcfg, tcfg)
+    stream = iter(trainer.loader)
 
     def one(step: int) -> float:
         if dims.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        mine = [b.to(dims.device) for b in local_chunks(batches[step], dims.dp_rank, dims.dp,
-                                                          chunks)]
-        forward_backward(pm, mine, task, autocast)
-        pm.step(optimizer, tcfg.grad_clip)
-        scheduler.step()
+        trainer.train_step(stream)
         if dims.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - started

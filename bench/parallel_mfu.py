@@ -20,7 +20,6 @@ was available to this project's session, so no GPU numbers are recorded yet.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -58,41 +57,28 @@ def peak_tflops(arg: float | None) -> float:
 
 
 def measure(cfg, layout: dict, rows: int, warmup: int, steps: int) -> dict:
-    from mmfm.model import Decoder
     from mmfm.model.counting import flops_per_token
-    from mmfm.parallel.api import parallelize
     from mmfm.parallel.config import ParallelConfig
-    from mmfm.parallel.mesh import build_dims
-    from mmfm.parallel.runner import FixedBatchTask, local_chunks, make_batches, num_chunks
-    from mmfm.parallel.step import forward_backward
-    from mmfm.train.optim import build_scheduler
+    from mmfm.parallel.runner import fixed_batch_trainer, make_batches
 
     pcfg = ParallelConfig(**layout)
-    dims = build_dims(pcfg)
     seq = cfg.data.seq_len
-    torch.manual_seed(0)
-    pm = parallelize(Decoder(cfg.model), dims, pcfg)
-    chunks = num_chunks(pcfg, cfg.train)
-    optimizer = pm.build_optimizer(cfg.train, grad_accum=chunks)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    global_rows = rows * dims.dp
+    world = dist.get_world_size()
+    global_rows = rows * pcfg.resolved_dp(world)
     batches = make_batches(warmup + steps, global_rows, seq, cfg.model.vocab_size)
+    trainer = fixed_batch_trainer(cfg.model, pcfg, cfg.train, batches)
+    dims = trainer.dims
     cuda = dims.device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else \
-        contextlib.nullcontext
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    stream = iter(trainer.loader)
     times = []
     for step in range(warmup + steps):
         if cuda:
             torch.cuda.synchronize()
         dist.barrier()
         started = time.perf_counter()
-        mine = [b.to(dims.device) for b in local_chunks(batches[step], dims.dp_rank, dims.dp,
-                                                          chunks)]
-        forward_backward(pm, mine, FixedBatchTask(), autocast)
-        pm.step(optimizer, cfg.train.grad_clip)
-        scheduler.step()
+        trainer.train_step(stream)
         if cuda:
             torch.cuda.synchronize()
         if step >= warmup:

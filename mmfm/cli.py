@@ -36,10 +36,12 @@ def _resolve(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mmfm.train.trainer import build_trainer
+    from mmfm.parallel.mesh import destroy_at_exit
+    from mmfm.train.trainer import Trainer
 
     cfg = _resolve(args)
-    trainer = build_trainer(cfg, resume=args.resume, resume_from=args.resume_from)
+    trainer = Trainer(cfg, resume=args.resume, resume_from=args.resume_from)
+    destroy_at_exit()
     result = trainer.fit()
     if not trainer.is_main_process:
         return 0

@@ -14,9 +14,9 @@ from mmfm.parallel.local import spawn
 
 
 def _fit(cfg) -> dict:
-    from mmfm.train.trainer import build_trainer
+    from mmfm.train.trainer import Trainer
 
-    return build_trainer(cfg).fit().train_losses
+    return Trainer(cfg).fit().train_losses
 
 
 @pytest.mark.distributed
@@ -35,10 +35,10 @@ def test_multimodal_refuses_model_parallel_layouts(mm_shards, text_data, tmp_pat
     import torch.distributed as dist
 
     from mmfm.config import ConfigError
-    from mmfm.train.trainer import build_trainer
+    from mmfm.train.trainer import Trainer
 
-    cfg = mm_config(mm_shards, text_data, tmp_path, **{"parallel.tp": 2})
+    had_group = dist.is_initialized()
     with pytest.raises(ConfigError, match="only data parallelism is implemented for "
-                                          "data.kind='multimodal'"):
-        build_trainer(cfg)
-    assert not dist.is_initialized()
+                                          "data.kind='multimodal'"):  # by config validation
+        Trainer(mm_config(mm_shards, text_data, tmp_path, **{"parallel.tp": 2}))
+    assert dist.is_initialized() == had_group  # refused before any process group

@@ -107,22 +107,20 @@ def _train_group(names: list[str], ckpt_dir: str) -> dict:
     """Worker: train each layout of the group in these processes (rank 0 returns results)."""
     import torch.distributed as dist
 
-    from mmfm.parallel.mesh import build_dims
-
     batches = make_batches(STEPS, ROWS, SEQ, VOCAB)
     out = {}
     for name in names:
         pcfg = pcfg_of(name)
         save = name == RESUME[0]
         result = distributed_run(model_cfg(LAYOUTS[name][2]), pcfg, train_cfg(name), batches,
-                                 build_dims(pcfg), save_to=ckpt_dir if save else None,
+                                 save_to=ckpt_dir if save else None,
                                  save_at=RESUME[1] if save else None)
         out[name] = result
     if os.path.isdir(ckpt_dir) and "tp2_dp2_fsdp" in names:
         pcfg = ParallelConfig(**RESUME[2])
         pcfg.dp = 2
         out["resume"] = distributed_run(model_cfg(), pcfg, train_cfg(RESUME[0]), batches,
-                                        build_dims(pcfg), load_from=ckpt_dir)
+                                        load_from=ckpt_dir)
     return out if dist.get_rank() == 0 else {}
 
 

@@ -1,7 +1,6 @@
 """End-to-end training on real text: loss falls, resume is exact, bad input is reported."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -93,7 +92,7 @@ def test_corrupt_checkpoint_is_detected_and_previous_named(text_data, tmp_path, 
     Trainer(cfg).fit()
     ckpts = sorted((tmp_path / "t" / "checkpoints").glob("step_*"))
     assert [p.name for p in ckpts] == ["step_00000003", "step_00000006"]
-    model_file = ckpts[-1] / "model.safetensors"
+    model_file = next(ckpts[-1].glob("*.distcp"))
     model_file.write_bytes(model_file.read_bytes()[:1000])  # truncated
     with pytest.raises(CheckpointError) as info:
         Trainer(cfg, resume=True)
@@ -118,7 +117,8 @@ def test_checkpoint_from_another_model_is_rejected(text_data, tmp_path):
     cfg = tiny_config(text_data, tmp_path, **{"train.steps": 3})
     Trainer(cfg).fit()
     other = tiny_config(text_data, tmp_path, **{"train.steps": 3, "model.moe": "null"})
-    with pytest.raises(CheckpointError, match="does not fit this model"):
+    with pytest.raises(CheckpointError, match="was written for an MoE model, this run's "
+                                              "model.moe is null"):
         Trainer(other, resume=True)
 
 
@@ -165,18 +165,79 @@ def test_dense_equivalent_switch(text_data, tmp_path, capsys):
     assert "moe: null" in saved
 
 
-def test_checkpoints_load_with_weights_only(text_data, tmp_path):
+def test_checkpoints_hold_only_tensors_and_json(text_data, tmp_path):
+    """Nothing in a checkpoint is unpickled on load: the DCP files hold tensors only (DCP reads
+    them with weights_only=True), loader positions and RNG states are JSON."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     Trainer(tiny_config(text_data, tmp_path, **{"train.steps": 3})).fit()
-    state = torch.load(tmp_path / "t" / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)
-    assert {"optimizer", "scheduler", "loader", "rng"} <= set(state)
-    shutil.rmtree(tmp_path / "t")
+    ckpt = tmp_path / "t" / "checkpoints" / "step_00000003"
+    items = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    assert items and all(isinstance(m, TensorStorageMetadata) for m in items.values())
+    objects = json.loads((ckpt / "objects.json").read_text())
+    assert set(objects) == {"loader.dp0", "rng.rank0"}
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["format"] == "mmfm-dcp" and meta["layout"]["world_size"] == 1
+    assert meta["scheduler_last_epoch"] == 3 and "objects.json" in meta["sha256"]
+
+
+def _write_legacy_checkpoint(trainer, path):
+    """The single-process format of mmfm before the one-trainer change: model.safetensors,
+    state.pt (optimizer, scheduler, loader, rng) and meta.json with their hashes."""
+    import random
+
+    from safetensors.torch import save_model
+
+    from mmfm.train.checkpoint import _sha256
+
+    path.mkdir(parents=True)
+    save_model(trainer.model, str(path / "model.safetensors"))
+    torch.save({"optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(),
+                "loader": trainer.loader.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
+               path / "state.pt")
+    hashes = {n: _sha256(path / n) for n in ("model.safetensors", "state.pt")}
+    meta = {"format_version": 1, "step": trainer.step, "sha256": hashes,
+            "config": trainer.cfg.to_dict()}
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_legacy_single_process_checkpoint_is_converted_on_read(text_data, tmp_path):
+    """A checkpoint of the old single-process format resumes exactly (converted on read), and
+    the run's next checkpoint is in the one format."""
+    full = Trainer(tiny_config(text_data, tmp_path / "full")).fit()
+    cfg = tiny_config(text_data, tmp_path / "old")
+    first = Trainer(cfg)
+    first.fit(stop_after=3)
+    legacy = tmp_path / "legacy" / "step_00000003"
+    _write_legacy_checkpoint(first, legacy)
+    resumed = Trainer(cfg, resume_from=str(legacy)).fit()
+    for step in (4, 5, 6):
+        assert resumed.train_losses[step] == full.train_losses[step], step
+    meta = json.loads((resumed.checkpoint / "meta.json").read_text())
+    assert meta["format"] == "mmfm-dcp"
+
+
+def test_checkpoint_weights_load_without_a_process_group(text_data, tmp_path):
+    """Export, upcycle and analysis read a training checkpoint's full weights on one process:
+    `load_model_from_checkpoint` rebuilds the model from the saved config."""
+    from mmfm.train.checkpoint import load_model_from_checkpoint
+
+    trainer = Trainer(tiny_config(text_data, tmp_path, **{"train.steps": 3}))
+    trainer.fit()
+    cfg, model = load_model_from_checkpoint(tmp_path / "t")
+    assert cfg.model == trainer.cfg.model and not model.training
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
 
 
 def test_init_from_upcycled_dense_checkpoint(text_data, tmp_path):
     """Train a dense model, upcycle it to MoE, and start an MoE run from those weights: its first
     loss equals the dense model's loss on the same batch (identical experts, gates summing to 1)."""
+    from mmfm.convert.cli import write_model_dir
     from mmfm.convert.upcycle import upcycle_dense_to_moe
-    from mmfm.train.checkpoint import save_checkpoint
 
     dense_cfg = tiny_config(text_data, tmp_path / "dense", **{"model.moe": "null",
                                                              "model.ffn_hidden": 64, "train.steps": 3})
@@ -184,7 +245,8 @@ def test_init_from_upcycled_dense_checkpoint(text_data, tmp_path):
     dense.fit()
     moe_cfg = tiny_config(text_data, tmp_path / "moe", **{"train.steps": 1})
     moe_model = upcycle_dense_to_moe(dense.model, moe_cfg.model)
-    init = save_checkpoint(tmp_path / "upcycled", 0, moe_model, {}, {}, keep=1)
+    init = tmp_path / "upcycled"
+    write_model_dir(init, moe_cfg, moe_model)
     moe_cfg.train.init_from = str(init)
     trainer = Trainer(moe_cfg)
     batch = next(iter(trainer.loader))
@@ -196,7 +258,7 @@ def test_init_from_upcycled_dense_checkpoint(text_data, tmp_path):
 
 def test_init_from_missing_weights_is_named(text_data, tmp_path):
     cfg = tiny_config(text_data, tmp_path, **{"train.init_from": str(tmp_path)})
-    with pytest.raises(CheckpointError, match="holds no model.safetensors"):
+    with pytest.raises(CheckpointError, match="holds no model.safetensors and no meta.json"):
         Trainer(cfg)
 
 

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmfm.config import ExperimentConfig, config_from_dict, load_config, save_config
+from mmfm.config import ExperimentConfig, load_config, save_config
 from mmfm.errors import UserValueError
 
 MODEL_FILE, CONFIG_FILE, META_FILE = "model.safetensors", "config.yaml", "meta.json"
@@ -130,32 +130,16 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- model directories
 
 
-def _find_checkpoint(path: Path):
-    """A verified checkpoint: `path` itself, or the newest under path or path/checkpoints."""
-    from mmfm.train.checkpoint import latest_checkpoint, verify_checkpoint
-
-    if (path / META_FILE).is_file():
-        return verify_checkpoint(path)
-    for root in (path / "checkpoints", path):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
-    raise UserValueError(f"{path} holds no checkpoint ({META_FILE} or step_* folders)")
-
-
 def load_model_dir(path: Path) -> tuple[ExperimentConfig, Any]:
-    """(experiment config, Decoder with the weights) of a checkpoint or model directory."""
-    from mmfm.model import Decoder
+    """(experiment config, Decoder with the weights) of a training checkpoint written under any
+    layout, a run directory (its newest checkpoint) or a model directory."""
+    from mmfm.train.checkpoint import load_model_from_checkpoint
 
-    if not path.exists():
-        raise UserValueError(f"{path} does not exist")
-    ckpt = _find_checkpoint(path)
-    if "config" not in ckpt.meta:
-        raise UserValueError(f"checkpoint {ckpt.path}: {META_FILE} has no config")
-    cfg = config_from_dict(ckpt.meta["config"])
-    model = Decoder(cfg.model)
-    ckpt.load_model(model)
-    return cfg, model.eval()
+    cfg, model = load_model_from_checkpoint(path)
+    if cfg.data.kind != "text":
+        raise UserValueError(f"{path}: a data.kind={cfg.data.kind!r} model; conversion takes "
+                             f"text decoders (data.kind=text)")
+    return cfg, model
 
 
 def write_model_dir(out: Path, cfg: ExperimentConfig, model, extra: dict | None = None) -> None:

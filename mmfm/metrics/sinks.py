@@ -42,14 +42,24 @@ class ConsoleSink:
     def __init__(self, total_steps: int, start_step: int = 0) -> None:
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self._last_step = start_step
+        self._shown: dict[str, str] = {}
+
+    def progress(self, step: int, tokens_per_s: float) -> None:
+        """Every step: advance the bar and show this step's throughput, so a slow first
+        logging interval does not look like a hang."""
+        self._advance(step)
+        self._shown["tok/s"] = f"{tokens_per_s:.0f}"
+        self._bar.set_postfix(self._shown, refresh=True)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
+        self._advance(step)
+        self._shown.update({k.split("/", 1)[1] if k.startswith("train/") else k: _short(v)
+                            for k, v in metrics.items() if k in self.SHOWN})
+        self._bar.set_postfix(self._shown, refresh=True)
+
+    def _advance(self, step: int) -> None:
         self._bar.update(max(0, step - self._last_step))
         self._last_step = max(self._last_step, step)
-        shown = {k.split("/", 1)[1] if k.startswith("train/") else k: v
-                 for k, v in metrics.items() if k in self.SHOWN}
-        if shown:
-            self._bar.set_postfix({k: _short(v) for k, v in shown.items()}, refresh=True)
 
     def close(self) -> None:
         self._bar.close()
@@ -82,6 +92,12 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         for sink in self.sinks:
             sink.write(step, metrics)
+
+    def progress(self, step: int, tokens_per_s: float) -> None:
+        """A per-step heartbeat for the sinks that show progress (the console bar)."""
+        for sink in self.sinks:
+            if hasattr(sink, "progress"):
+                sink.progress(step, tokens_per_s)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from mmfm.errors import UserValueError
 from mmfm.model.fused_loss import IGNORE_INDEX, fused_linear_cross_entropy
@@ -78,6 +77,10 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Whether forward(labels_BT=...) may fuse the head with the loss, reading the head's
+        # weight directly. `mmfm.parallel.parallelize` turns it off where the weight is not a
+        # plain local tensor (a tensor-parallel DTensor, a DeepSpeed ZeRO-3 partition).
+        self.fused_head = cfg.fused_loss
         cos, sin = rope_cos_sin(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         # Not persistent: derived from the config, so checkpoints stay portable.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -121,7 +124,7 @@ class Decoder(nn.Module):
             h_BTD, block_aux = block(h_BTD, cos, sin, mask, modality_ids_BT)
             aux = aux + block_aux
         h_BTD = self.norm(h_BTD)
-        if labels_BT is not None and self.cfg.fused_loss and _plain_weight(self.lm_head.weight):
+        if labels_BT is not None and self.fused_head:
             loss, token_loss_N = fused_linear_cross_entropy(
                 h_BTD.flatten(0, 1), self.lm_head.weight, labels_BT.flatten())
             return DecoderOutput(None, aux, loss, token_loss_N.view_as(labels_BT))
@@ -145,13 +148,6 @@ def _attention_mask(doc_ids_BT: Tensor | None) -> Tensor | None:
     if doc_ids_BT is None or bool((doc_ids_BT == doc_ids_BT[:, :1]).all()):
         return None
     return document_causal_mask(doc_ids_BT)
-
-
-def _plain_weight(weight: Tensor) -> bool:
-    """Whether the fused head+loss may read this weight directly: not a DTensor (tensor
-    parallel shards the head) and not a DeepSpeed ZeRO-3 partition (gathered only inside the
-    module's own forward)."""
-    return not isinstance(weight, DTensor) and not hasattr(weight, "ds_id")
 
 
 def token_losses(logits_BTV: Tensor, labels_BT: Tensor) -> Tensor:

@@ -85,6 +85,21 @@ def apply_fsdp(part: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> None
     part.set_reduce_scatter_unused_params(True)
 
 
+def choose_head_path(part: nn.Module, cfg: ParallelConfig) -> None:
+    """Tell the decoder whether its LM head may be fused with the loss: only where the head's
+    weight is a plain local tensor in forward (not a tensor-parallel DTensor, not a DeepSpeed
+    ZeRO-3 partition, which is gathered only inside the module's own forward). FSDP2 hands
+    forward the unsharded plain weight, so it keeps the fused path."""
+    from torch.distributed.tensor import DTensor
+
+    decoder = decoder_of(part)
+    head = getattr(decoder, "lm_head", None)
+    if not hasattr(decoder, "fused_head") or head is None:
+        return  # a pipeline stage computes its head and loss itself
+    if isinstance(head.weight, DTensor) or (cfg.engine == "deepspeed" and cfg.stage == 3):
+        decoder.fused_head = False
+
+
 @dataclass
 class ParallelModel:
     """This rank's share of the model and the machinery of a distributed training step."""
@@ -184,23 +199,14 @@ def _relink_deepspeed_optimizer_state(engine, force: bool = False) -> None:
 
 
 def build_adamw(parts, named_params, tcfg, model_cfg) -> torch.optim.AdamW:
-    """`mmfm.train.optim.build_optimizer`'s rule: decay 2-D+ weights except embedding tables,
-    and the tied LM head by name (a pipeline stage may hold it without the embedding). Groups
-    are further split by device mesh, so foreach kernels never mix plain tensors with DTensors
-    of different meshes."""
+    """`mmfm.train.optim.build_optimizer`'s rule over a layout's local parameters; the tied
+    LM head is found by name (a pipeline stage may hold it without the embedding)."""
+    from mmfm.train.optim import adamw
+
     embeddings = {id(m.weight) for part in parts for m in part.modules()
                   if isinstance(m, nn.Embedding)}
     tied_head = {"lm_head.weight"} if model_cfg.tie_embeddings else set()
-    groups: dict[tuple, list] = {}
-    for name, p in named_params:
-        if not p.requires_grad:
-            continue
-        decay = p.ndim >= 2 and id(p) not in embeddings and name not in tied_head
-        mesh = getattr(p, "device_mesh", None)
-        groups.setdefault((decay, None if mesh is None else id(mesh)), []).append(p)
-    param_groups = [{"params": params, "weight_decay": tcfg.weight_decay if decay else 0.0}
-                    for (decay, _), params in sorted(groups.items(), key=lambda kv: not kv[0][0])]
-    return torch.optim.AdamW(param_groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=1e-8)
+    return adamw(named_params, tcfg, no_decay_ids=embeddings, no_decay_names=tied_head)
 
 
 def grad_specs(pm: ParallelModel) -> list[GradSpec]:
@@ -235,6 +241,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
         part.to(dims.device)  # before any DTensor exists (moving DTensors swaps tensors)
         blocks = blocks_of(part)
         apply_tensor_parallel(blocks, dims.tp_mesh)
+        choose_head_path(part, cfg)
         apply_expert_parallel(blocks, dims.ep_group)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(part)

@@ -17,16 +17,20 @@ depend on the layout:
   exactly the experts it holds;
 - plain replicated tensors are written once (DCP deduplicates equal keys).
 
-Optimizer state is AdamW's `exp_avg`, `exp_avg_sq` and `step` per weight; the LR scheduler is
-an object. Data loader positions are saved per data-parallel rank and restored when dp is
-unchanged; RNG states per rank, restored when the whole layout is unchanged.
+Optimizer state is AdamW's `exp_avg`, `exp_avg_sq` and `step` per weight; the LR schedule
+position is `meta.json`'s `scheduler_last_epoch`. Data loader positions (per data-parallel rank)
+and RNG states (per rank) are gathered to rank 0 and written as one `objects.json`: the DCP
+files hold tensors only and every file is read without unpickling anything (DCP loads tensors
+with `weights_only=True`; this module never asks DCP for pickled objects). Loader positions are
+restored when dp is unchanged, RNG states when the whole layout is.
+
+The same format serves one process (world size 1, a trivial layout) and N.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -51,6 +55,8 @@ from mmfm.train.checkpoint import (
 )
 
 FORMAT = "mmfm-dcp"
+FORMAT_VERSION = 2  # 1: objects and scheduler were pickled inside the DCP files
+OBJECTS_FILE = "objects.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 # Model config fields that decide tensor shapes (a checkpoint must agree on all of them).
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
@@ -190,7 +196,8 @@ def _entries(pm: ParallelModel, optimizer) -> list[_Entry]:
     return [_Entry(pm, name, param, optimizer) for name, param in pm.named_parameters()]
 
 
-def _state(pm: ParallelModel, optimizer, scheduler, objects: dict[str, Any]):
+def _state(pm: ParallelModel, optimizer):
+    """{key: tensor} of every weight, AdamW moment and step, and persistent buffer."""
     state: dict[str, Any] = {}
     fixups = []
     for entry in _entries(pm, optimizer):
@@ -199,15 +206,13 @@ def _state(pm: ParallelModel, optimizer, scheduler, objects: dict[str, Any]):
         fixups.append((entry, fix, values[f"optim.{entry.name}.step"]))
     for name, buf in pm.named_buffers():
         state["model." + name] = buf
-    state["scheduler"] = pickle.dumps({"last_epoch": scheduler.last_epoch})
-    state.update({key: pickle.dumps(value) for key, value in objects.items()})
     return state, fixups
 
 
-def _restore_scheduler(scheduler, blob: bytes) -> None:
+def _restore_scheduler(scheduler, last_epoch: int) -> None:
     """Set the schedule position; the group count may differ between layouts, so the LRs are
     recomputed (LambdaLR.step sets every group to base_lr × lambda(last_epoch))."""
-    scheduler.last_epoch = pickle.loads(blob)["last_epoch"] - 1
+    scheduler.last_epoch = last_epoch - 1
     with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
@@ -218,8 +223,9 @@ def _restore_scheduler(scheduler, blob: bytes) -> None:
 def save_distributed(path: str | Path, pm: ParallelModel, optimizer, scheduler, step: int,
                      meta: dict[str, Any], objects: dict[str, Any] | None = None,
                      keep: int | None = None) -> Path:
-    """Write a distributed checkpoint (collective). With `keep`, `path` is the checkpoint root
-    and the folder is `step_XXXXXXXX`, older ones pruned to `keep`; else `path` is the folder."""
+    """Write a checkpoint (collective). With `keep`, `path` is the checkpoint root and the
+    folder is `step_XXXXXXXX`, older ones pruned to `keep`; else `path` is the folder.
+    `objects`: this rank's JSON-serializable extras (loader position, RNG), keyed uniquely."""
     final = step_dir(Path(path), step) if keep is not None else Path(path)
     tmp = final.parent / f".tmp_{final.name}"
     rank0 = dist.get_rank() == 0
@@ -228,13 +234,16 @@ def save_distributed(path: str | Path, pm: ParallelModel, optimizer, scheduler, 
         tmp.mkdir(parents=True)
     dist.barrier()
     _init_optimizer_state(pm, optimizer)
-    state, _ = _state(pm, optimizer, scheduler, objects or {})
+    state, _ = _state(pm, optimizer)
     dcp.save(state, checkpoint_id=str(tmp))
+    gathered = _gather_objects(objects or {})
     dist.barrier()
     if rank0:
+        (tmp / OBJECTS_FILE).write_text(json.dumps(gathered))
         hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        full_meta = {"format": FORMAT, "format_version": 1, "step": step,
-                     "layout": layout_of(pm), "sha256": hashes, **meta}
+        full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
+                     "scheduler_last_epoch": scheduler.last_epoch, "layout": layout_of(pm),
+                     "sha256": hashes, **meta}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=1))
         _fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -246,15 +255,29 @@ def save_distributed(path: str | Path, pm: ParallelModel, optimizer, scheduler, 
     return final
 
 
+def _gather_objects(mine: dict[str, Any]) -> dict[str, Any]:
+    """Every rank's extras merged on rank 0 (tensor-parallel ranks hold the same loader key)."""
+    if dist.get_world_size() == 1:
+        return dict(mine)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def read_meta(path: Path) -> dict[str, Any]:
+    """meta.json of a DCP checkpoint; a legacy single-process checkpoint is named as such."""
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise CheckpointError(f"checkpoint {path} has no {META_FILE} (incomplete write?)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint {path}: {META_FILE} is corrupt") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(
-            f"checkpoint {path} is a single-process checkpoint (model.safetensors), not a "
-            f"distributed one; resume it with `mmfm train` on one process")
+            f"checkpoint {path} is a single-process checkpoint (model.safetensors + state.pt) "
+            f"of an older mmfm; resume it on one process without a parallel layout (it is "
+            f"converted on read), or start from its weights with train.init_from={path}")
     return meta
 
 
@@ -303,26 +326,31 @@ def _refresh_deepspeed_weights(engine) -> None:
 
 def load_distributed(path: str | Path, pm: ParallelModel, optimizer, scheduler,
                      objects: dict[str, Any] | None = None) -> LoadedCheckpoint:
-    """Load a distributed checkpoint into this layout (collective). `objects` maps keys this
-    rank wants restored (loader, rng) to placeholders; only those present are loaded."""
+    """Load a checkpoint into this layout (collective). `objects` names the extras this rank
+    wants restored (loader, rng); only those present are returned."""
     path = Path(path)
     meta = read_meta(path)
     check_compatible(path, meta, pm.model_cfg)
     _init_optimizer_state(pm, optimizer)
-    wanted = dict(objects or {})
-    state, fixups = _state(pm, optimizer, scheduler, {})
+    state, fixups = _state(pm, optimizer)
     saved_keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     missing = sorted(k for k in state if k not in saved_keys)
     if missing:
         raise CheckpointError(
             f"checkpoint {path} does not fit this model: missing {missing[:3]}"
             f"{' ...' if len(missing) > 3 else ''}")
-    found = {k: b"" for k in wanted if k in saved_keys}
-    state.update(found)
     dcp.load(state, checkpoint_id=str(path))
     for entry, fix, step in fixups:
         entry.put_back(fix, step)
     if pm.engine is not None:
         _refresh_deepspeed_weights(pm.engine)
-    _restore_scheduler(scheduler, state["scheduler"])
-    return LoadedCheckpoint(int(meta["step"]), meta, {k: pickle.loads(state[k]) for k in found})
+    _restore_scheduler(scheduler, int(meta.get("scheduler_last_epoch", meta["step"])))
+    extras = read_objects(path)
+    found = {k: extras[k] for k in (objects or {}) if k in extras}
+    return LoadedCheckpoint(int(meta["step"]), meta, found)
+
+
+def read_objects(path: Path) -> dict[str, Any]:
+    """The extras of a checkpoint (JSON; a format-1 checkpoint kept them pickled: none)."""
+    file = Path(path) / OBJECTS_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}

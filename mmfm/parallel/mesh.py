@@ -152,18 +152,49 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def launched_world_size() -> int:
+    """Processes the launcher started (torchrun's WORLD_SIZE); 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
-    """Initialize the default process group from torchrun's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT); NCCL for CUDA tensors plus gloo for CPU ones, gloo alone on CPU.
-    Returns (rank, world size); a no-op when already initialized."""
-    if not dist.is_initialized():
-        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-                   if k not in os.environ]
-        if missing:
-            raise UserValueError(f"distributed run needs {', '.join(missing)} in the environment: "
-                             f"launch it with torchrun or `mmfm launch`")
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    """Join the default process group: from torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT) when launched, NCCL for CUDA tensors plus gloo for CPU ones (gloo
+    alone on CPU); one process started without a launcher gets a 1-rank group on an in-memory
+    store (no port, no environment changes), so it runs the same code as N. Returns (rank,
+    world size); a no-op when already initialized."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if "RANK" not in os.environ and launched_world_size() == 1:
         if torch.cuda.is_available():
             torch.cuda.set_device(default_device())
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+        return 0, 1
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+               if k not in os.environ]
+    if missing:
+        raise UserValueError(f"distributed run needs {', '.join(missing)} in the environment: "
+                             f"launch it with torchrun or `mmfm launch`")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(default_device())
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
+
+
+def destroy_at_exit() -> None:
+    """Destroy the process group before interpreter teardown (for the `mmfm train` process):
+    gloo sometimes aborts when its sockets are torn down by the garbage collector after a
+    successful run."""
+    import atexit
+    import sys
+
+    def _destroy() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(_destroy)

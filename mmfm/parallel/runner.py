@@ -1,5 +1,6 @@
-"""Train a model for a few steps on fixed global batches under a layout, and the single-process
-run it must reproduce. Used by the parity tests and the layout benchmarks.
+"""Train a model for a few steps on fixed global batches under a layout, through the real
+`Trainer` and its training step, and the single-process run it must reproduce (a plain loop
+written for the comparison). Used by the parity tests and the layout benchmarks.
 
 Data: every step has one global batch of G rows; data-parallel rank r takes rows
 [r·G/dp, (r+1)·G/dp) and cuts them into `chunks` micro-batches (train.grad_accum, or the
@@ -19,10 +20,10 @@ ranks of a group. The reference accumulates gradients over the domains with weig
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -43,16 +44,51 @@ class RunResult:
 
 
 class FixedBatchTask:
-    """The text task's loss on in-memory batches (no shards, no tokenizer). Like `TextTask`,
-    it passes the labels to the model, so sharded layouts run the fused LM head + loss wherever
-    the head is a plain tensor, while the single-process reference (`reference_run`) computes
-    the plain head and `lm_loss`: the parity tests compare the two."""
+    """A `Task` on in-memory batches (no shards, no tokenizer): the model is the Decoder of the
+    config, the loader hands data-parallel rank r its rows of each global batch, cut into
+    `train.grad_accum` micro-batches, and the loss is the text task's (labels passed to the
+    model, so sharded layouts run the fused LM head + loss wherever the head is a plain tensor,
+    while `reference_run` computes the plain head and `lm_loss`: the parity tests compare both)."""
+
+    def __init__(self, model_cfg, batches: list[Batch], grad_accum: int) -> None:
+        self.model_cfg, self.batches, self.grad_accum = model_cfg, batches, grad_accum
+
+    def build_model(self) -> Decoder:
+        return Decoder(self.model_cfg)
+
+    def train_loader(self, rank: int = 0, world_size: int = 1) -> FixedBatchLoader:
+        return FixedBatchLoader(self.batches, rank, world_size, self.grad_accum)
+
+    def eval_batches(self) -> list[Batch]:
+        return []
 
     def loss(self, model, batch: Batch):
         from mmfm.train.task import LossOutput
 
         out = model(batch.input_ids, labels_BT=batch.labels)
         return LossOutput(out.lm_loss, out.aux_loss, int(batch.labels.numel()))
+
+
+class FixedBatchLoader:
+    """This rank's micro-batches of each global batch in turn; its position checkpoints."""
+
+    def __init__(self, batches: list[Batch], rank: int, world_size: int, chunks: int) -> None:
+        self.batches, self.rank, self.world_size, self.chunks = batches, rank, world_size, chunks
+        self.position = 0  # micro-batches handed out
+
+    def __iter__(self) -> FixedBatchLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        step, j = divmod(self.position, self.chunks)
+        self.position += 1
+        return local_chunks(self.batches[step], self.rank, self.world_size, self.chunks)[j]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
 
 
 def make_batches(steps: int, rows: int, seq_len: int, vocab: int, seed: int = 1) -> list[Batch]:
@@ -128,48 +164,45 @@ def reference_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch],
     return result
 
 
-def distributed_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch], dims,
+def fixed_batch_trainer(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch],
+                        seed: int = 0, load_from=None, run_dir: Path | None = None):
+    """A real `Trainer` under `pcfg` whose task is `FixedBatchTask(batches)` (collective:
+    every rank calls it, in a process group of `pcfg`'s world size)."""
+    from mmfm.config import DataConfig, ExperimentConfig, MetricsConfig, RunConfig
+    from mmfm.train.trainer import Trainer
+
+    seq_len = batches[0].input_ids.shape[1]
+    cfg = ExperimentConfig(
+        run=RunConfig(seed=seed, out_dir=str(run_dir or "runs"), name="parity"),
+        model=model_cfg, data=DataConfig(seq_len=seq_len, document_mask=False),
+        train=dataclasses.replace(tcfg, steps=max(tcfg.steps, len(batches))),
+        metrics=MetricsConfig(console=False), parallel=pcfg)
+    task = FixedBatchTask(model_cfg, batches, tcfg.grad_accum)
+    return Trainer(cfg, resume_from=str(load_from) if load_from else None, task=task)
+
+
+def distributed_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch],
                     seed: int = 0, steps: int | None = None, save_to=None, save_at: int | None = None,
-                    load_from=None, gather: bool = True, on_step=None) -> RunResult:
-    """Train under `pcfg` on this rank's share of `batches` (collective: every rank calls it).
-
-    `save_to`/`load_from`: a distributed checkpoint folder written after step `save_at` (default:
-    the last) / read before the first step (steps then continue from the checkpoint's)."""
-    from mmfm.parallel.api import parallelize
-    from mmfm.parallel.checkpoint import load_distributed, save_distributed
+                    load_from=None, gather: bool = True) -> RunResult:
+    """Train under `pcfg` on this rank's share of `batches` with the real `Trainer` step
+    (collective). `save_to`/`load_from`: a checkpoint folder written after step `save_at`
+    (default: the last) / resumed before the first step (steps continue from its step)."""
     from mmfm.parallel.state import full_state_dict
-    from mmfm.parallel.step import forward_backward, reduce_stats
 
-    torch.manual_seed(seed)
-    model = Decoder(model_cfg)
-    pm = parallelize(model, dims, pcfg)
-    chunks = num_chunks(pcfg, tcfg)
-    optimizer = pm.build_optimizer(tcfg, grad_accum=chunks)
-    scheduler = build_scheduler(optimizer, tcfg)
-    start = 0
-    if load_from is not None:
-        start = load_distributed(load_from, pm, optimizer, scheduler).step
-    task = FixedBatchTask()
+    trainer = fixed_batch_trainer(model_cfg, pcfg, tcfg, batches, seed, load_from)
     result = RunResult()
-    end = len(batches) if steps is None else start + steps
-    for step in range(start, end):
+    stream = iter(trainer.loader)
+    end = len(batches) if steps is None else trainer.step + steps
+    while trainer.step < end:
         started = time.perf_counter()
-        pm.train()
-        mine = local_chunks(batches[step], dims.dp_rank, dims.dp, chunks)
-        lm, aux = forward_backward(pm, mine, task, contextlib.nullcontext)
-        norm = pm.step(optimizer, tcfg.grad_clip)
-        scheduler.step()
-        pm.update_moe_bias()
-        lm, aux = reduce_stats(pm, [lm, aux])
-        result.losses.append(lm)
-        result.aux_losses.append(aux)
-        result.grad_norms.append(norm)
+        record = trainer.train_step(stream)
+        trainer.step += 1
+        result.losses.append(record["train/loss"])
+        result.aux_losses.append(record["train/aux_loss"])
+        result.grad_norms.append(record["train/grad_norm"])
         result.step_seconds.append(time.perf_counter() - started)
-        if on_step is not None:
-            on_step(step)
-        if save_to is not None and step + 1 == (save_at or end):
-            meta = {"config": {"model": dataclasses.asdict(model_cfg)}}
-            save_distributed(save_to, pm, optimizer, scheduler, step=step + 1, meta=meta)
+        if save_to is not None and trainer.step == (save_at or end):
+            trainer.save(Path(save_to))
     if gather:
-        result.state = full_state_dict(pm)
+        result.state = full_state_dict(trainer.pm)
     return result

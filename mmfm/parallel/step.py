@@ -6,17 +6,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mmfm.model.decoder import lm_loss
 from mmfm.parallel.api import ParallelModel
 
 
-def forward_backward(pm: ParallelModel, batches: list, task, autocast) -> tuple[float, float]:
-    """Local mean LM loss and aux loss over `batches` (this rank's micro-batches of one step);
-    gradients are left for `ParallelModel.step`."""
+def forward_backward(pm: ParallelModel, batches: list, task,
+                     autocast) -> tuple[float, float, list[dict[str, float]]]:
+    """Local mean LM loss and aux loss over `batches` (this rank's micro-batches of one step),
+    and the task's per-micro-batch metrics; gradients are left for `ParallelModel.step`."""
     if pm.dims.pp > 1:
         with autocast():
-            return _pipeline_forward_backward(pm, batches, task)
+            lm, aux = _pipeline_forward_backward(pm, batches, task)
+        return lm, aux, []
     n = len(batches)
     lm = aux = 0.0
+    metrics = []
     for batch in batches:
         with autocast():
             out = task.loss(pm.module, batch)
@@ -25,7 +29,8 @@ def forward_backward(pm: ParallelModel, batches: list, task, autocast) -> tuple[
         pm.backward(loss if pm.engine is not None else loss / n)
         lm += float(out.lm_loss.detach()) / n
         aux += float(out.aux_loss.detach()) / n
-    return lm, aux
+        metrics.append(out.metrics)
+    return lm, aux, metrics
 
 
 def _pipeline_forward_backward(pm: ParallelModel, batches: list, task) -> tuple[float, float]:
@@ -58,3 +63,35 @@ def reduce_stats(pm: ParallelModel, values: list[float]) -> list[float]:
         dist.all_reduce(t, group=pm.dims.dp_group)
         t /= pm.dims.dp
     return t.tolist()
+
+
+def pipeline_eval_loss(pm: ParallelModel, batch, document_mask: bool) -> tuple[float, int]:
+    """Forward-only pass through the stages in order (no micro-batching): each rank runs its
+    stages, activations go point-to-point to the next stage's rank; the loss is shared."""
+    from mmfm.parallel.pipeline import stage_ids
+
+    dims = pm.dims
+    ids = batch.input_ids.to(dims.device)
+    doc_ids = batch.doc_ids.to(dims.device) if document_mask else None
+    mine = dict(zip(stage_ids(pm.cfg, dims.pp_rank), pm.parts, strict=True))
+    num_stages = pm.cfg.num_stages
+    B, T = ids.shape
+    h = None
+    loss = torch.zeros((), dtype=torch.float64, device=dims.device)
+    for s in range(num_stages):
+        owner = s % dims.pp
+        if s in mine:
+            if s > 0 and (s - 1) % dims.pp != dims.pp_rank:
+                h = torch.empty(B, T, pm.parts[0].cfg.d_model, device=dims.device)
+                dist.recv(h, group=dims.pp_group, group_src=(s - 1) % dims.pp)
+            out = mine[s](ids if s == 0 else h, doc_ids)
+            if s == num_stages - 1:
+                loss += float(lm_loss(out, batch.labels.to(dims.device)))
+            else:
+                h = out.float()
+                if (s + 1) % dims.pp != owner:
+                    dist.send(h, group=dims.pp_group, group_dst=(s + 1) % dims.pp)
+    for part in pm.parts:
+        part.aux_losses.clear()
+    dist.all_reduce(loss, group=dims.pp_group)
+    return float(loss), int((batch.labels != -100).sum())

@@ -1,11 +1,22 @@
-"""Atomic, verifiable checkpoints.
+"""Verifiable checkpoints: one training format at every world size, plus model directories.
 
-Layout: `<run>/checkpoints/step_00000100/{model.safetensors, state.pt, meta.json}`.
-A checkpoint is written into a temporary folder, flushed to disk, then renamed into place, so
-a crash never leaves a half-written `step_*` folder. `meta.json` records a SHA-256 of every file;
-loading verifies them, and a corrupt or truncated checkpoint is reported with the newest good one
-named. Model weights are safetensors; trainer state loads with `torch.load(weights_only=True)`,
-so no checkpoint can run arbitrary pickled code.
+A **training checkpoint** is `<run>/checkpoints/step_00000100/`, written by
+`mmfm.parallel.checkpoint.save_distributed` at every world size (one process is a trivial
+layout): torch.distributed.checkpoint (DCP) files holding tensors only, `objects.json` (loader
+positions, RNG states) and `meta.json` (step, layout, config, SHA-256 of every file). It is
+written into a temporary folder, flushed, and renamed into place, so a crash never leaves a
+half-written `step_*` folder; any layout resumes it.
+
+A **model directory** (`mmfm import hf`, `mmfm upcycle`, `mmfm export`) is consolidated
+safetensors: `model.safetensors`, `config.yaml`, `meta.json`. It is the exchange format, read by
+`train.init_from`, never a second training format.
+
+A **legacy** checkpoint (model.safetensors + state.pt, written by single-process runs of older
+mmfm) still resumes on one process: `Trainer` converts it on read.
+
+This module reads all three without a process group: `verify_checkpoint` checks hashes,
+`Checkpoint.model_state()` gives the full (unsharded) weights of any of them, so export, upcycle
+and analysis work on checkpoints from any layout.
 """
 
 from __future__ import annotations
@@ -19,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from torch import Tensor
 
 from mmfm.errors import UserValueError
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.pt", "meta.json"
-FORMAT_VERSION = 1
+DCP_FORMAT = "mmfm-dcp"
 
 
 class CheckpointError(UserValueError):
@@ -37,51 +48,129 @@ class Checkpoint:
     step: int
     meta: dict[str, Any]
 
+    @property
+    def kind(self) -> str:
+        """"dcp" (training checkpoint), "legacy" (old single-process) or "model_dir"."""
+        if self.meta.get("format") == DCP_FORMAT:
+            return "dcp"
+        return "legacy" if (self.path / STATE_FILE).is_file() else "model_dir"
+
+    def model_state(self) -> dict[str, Tensor]:
+        """Full weights and persistent buffers by their unsharded names, on the CPU."""
+        if self.kind == "dcp":
+            return _dcp_model_state(self.path)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.path / MODEL_FILE))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"checkpoint {self.path}: {MODEL_FILE} cannot be read "
+                                  f"({str(err).splitlines()[0]})") from None
+
     def load_model(self, model: torch.nn.Module) -> None:
-        missing, unexpected = load_model(model, str(self.path / MODEL_FILE), strict=False)
+        """Copy this checkpoint's weights into an unwrapped model (same names and shapes)."""
+        state = self.model_state()
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state) - _tied_names(model))
+        unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
             raise CheckpointError(
-                f"checkpoint {self.path} does not fit this model: missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}"
-            )
+                f"checkpoint {self.path} does not fit this model: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}")
+        for name, value in state.items():
+            if value.shape != expected[name].shape:
+                raise CheckpointError(
+                    f"checkpoint {self.path} does not fit this model: {name} has shape "
+                    f"{tuple(value.shape)} there, {tuple(expected[name].shape)} here")
+        model.load_state_dict(state, strict=False)
 
-    def load_state(self) -> dict[str, Any]:
+    def load_legacy_state(self) -> dict[str, Any]:
+        """Optimizer, scheduler, loader and RNG state of a legacy checkpoint (weights only)."""
         return torch.load(self.path / STATE_FILE, weights_only=True, map_location="cpu")
 
 
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names that alias another tensor (a tied LM head is saved once)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            tied.add(name)
+        seen.setdefault(id(tensor), name)
+    return tied
+
+
+def _dcp_model_state(path: Path) -> dict[str, Tensor]:
+    """Read every `model.*` tensor of a DCP checkpoint on one process, with no process group;
+    expert stacks saved one expert per key (`...w1#5`) are stacked again."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    experts: dict[str, dict[int, Tensor]] = {}
+    out = {}
+    for key, value in state.items():
+        name = key[len("model."):]
+        if "#" in name:
+            base, index = name.rsplit("#", 1)
+            experts.setdefault(base, {})[int(index)] = value
+        else:
+            out[name] = value
+    for base, pieces in experts.items():
+        out[base] = torch.stack([pieces[i] for i in sorted(pieces)])
+    return out
+
+
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Initialize `model` from a checkpoint or model folder (hashes verified when it has a
-    meta.json): the `train.init_from` path."""
+    """Initialize `model` from a training checkpoint (any layout) or a model directory (hashes
+    verified when it has a meta.json): the `train.init_from` path."""
     if (path / META_FILE).is_file():
         verify_checkpoint(path).load_model(model)
         return
     if not (path / MODEL_FILE).is_file():
-        raise CheckpointError(f"train.init_from={path} holds no {MODEL_FILE}")
+        raise CheckpointError(f"train.init_from={path} holds no {MODEL_FILE} and no {META_FILE}")
     Checkpoint(path=path, step=0, meta={}).load_model(model)
+
+
+def load_model_from_checkpoint(path: Path):
+    """(ExperimentConfig, model in eval mode) of a checkpoint or model directory written by any
+    layout: the saved config rebuilds the model (text Decoder or multimodal model), then the
+    full weights are loaded. For analysis, export and upcycling."""
+    from mmfm.config import config_from_dict
+
+    ckpt = find_checkpoint(Path(path))
+    if "config" not in ckpt.meta:
+        raise CheckpointError(f"checkpoint {ckpt.path}: {META_FILE} has no config")
+    cfg = config_from_dict(ckpt.meta["config"])
+    if cfg.data.kind == "text":
+        model = cfg.model.build()
+    else:
+        from mmfm.train.task import build_task
+
+        model = build_task(cfg).build_model()
+    ckpt.load_model(model)
+    return cfg, model.eval()
+
+
+def find_checkpoint(path: Path) -> Checkpoint:
+    """A verified checkpoint: `path` itself, or the newest under path/checkpoints or path."""
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if (path / META_FILE).is_file():
+        return verify_checkpoint(path)
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise CheckpointError(f"{path} holds no checkpoint ({META_FILE} or step_* folders)")
 
 
 def step_dir(ckpt_root: Path, step: int) -> Path:
     return ckpt_root / f"step_{step:08d}"
-
-
-def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
-                    meta: dict[str, Any], keep: int) -> Path:
-    """Write a checkpoint atomically and keep only the newest `keep`."""
-    final = step_dir(ckpt_root, step)
-    tmp = ckpt_root / f".tmp_step_{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / MODEL_FILE))
-    torch.save(state, tmp / STATE_FILE)
-    hashes = {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
-    meta = {"format_version": FORMAT_VERSION, "step": step, "sha256": hashes, **meta}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-    _fsync_dir(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
-    _prune(ckpt_root, keep)
-    return final
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

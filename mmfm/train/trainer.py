@@ -1,34 +1,50 @@
-"""The single-process training loop: gradient accumulation, bf16 autocast, clipping, warmup +
-cosine LR, periodic validation, atomic checkpoints and exact resume.
+"""The training loop, one for every world size (as torchtitan has it).
 
-Exact resume means the resumed run produces the same losses step for step as an uninterrupted
-one: model, optimizer, scheduler, loader position and RNG states are all checkpointed.
+One process is a trivial layout: a 1-rank process group (an in-memory store, no port), a
+`ParallelDims` of all ones and a `ParallelModel` with nothing sharded. torchrun (or `mmfm
+launch`) starts N processes that run the same code with a real layout. So there is one step
+function, one optimizer builder, one metrics merge and one checkpoint format
+(torch.distributed.checkpoint), and a checkpoint written under any layout resumes under any
+other.
+
+Per step each data-parallel rank reads its own `train.micro_batch_size × train.grad_accum` rows
+(tensor- and pipeline-parallel ranks of one replica read the same rows); the global batch is dp
+times that. Gradient accumulation, clipping, warmup + cosine LR, periodic validation, atomic
+checkpoints and exact resume (model, optimizer, scheduler, loader position and RNG states).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import random
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from mmfm.config import ExperimentConfig, save_config
-from mmfm.errors import UserValueError
+from mmfm.config import ConfigError, ExperimentConfig, save_config
 from mmfm.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, collect_moe_metrics
 from mmfm.model.counting import count_params, flops_per_token
+from mmfm.parallel.api import ParallelModel, parallelize
+from mmfm.parallel.checkpoint import load_distributed, save_distributed
+from mmfm.parallel.mesh import ParallelDims, build_dims, init_distributed, launched_world_size
+from mmfm.parallel.step import forward_backward, pipeline_eval_loss, reduce_stats
+from mmfm.parallel.watchdog import RankWatchdog, explain_failure
 from mmfm.train.checkpoint import (
     Checkpoint,
+    CheckpointError,
     latest_checkpoint,
     load_weights,
-    save_checkpoint,
     verify_checkpoint,
 )
-from mmfm.train.optim import build_optimizer, build_scheduler
-from mmfm.train.task import build_task
+from mmfm.train.optim import build_scheduler
+from mmfm.train.task import Task, build_task
 
 
 @dataclass
@@ -68,31 +84,76 @@ def merge_task_metrics(per_micro_batch: list[dict[str, float]]) -> dict[str, flo
     return out
 
 
-class Trainer:
-    """Owns one run: builds model, optimizer, data and sinks from a validated config."""
+def moe_summaries(per_layer: dict[str, Any]) -> dict[str, float]:
+    """`moe/<name>`: mean over layers of each scalar, and the max load imbalance."""
+    by_name: dict[str, list[float]] = {}
+    for key, value in per_layer.items():
+        if isinstance(value, float):
+            by_name.setdefault(key.rsplit("/", 1)[1], []).append(value)
+    out = {f"moe/{name}": sum(v) / len(v) for name, v in by_name.items()}
+    if "load_imbalance" in by_name:
+        out["moe/max_load_imbalance"] = max(by_name["load_imbalance"])
+    return out
 
-    is_main_process = True  # the distributed trainer (mmfm.parallel) logs from rank 0 only
+
+def start_process_group(cfg: ExperimentConfig) -> tuple[int, int]:
+    """Validate the layout against the launched world size, then join (or, for one process
+    started without torchrun, create) the default process group. Returns (rank, world)."""
+    world = launched_world_size()
+    try:  # before any process group or compute
+        cfg.parallel.validate("parallel", cfg.model, world_size=world, train_cfg=cfg.train)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return init_distributed(cfg.parallel.timeout_s)
+
+
+class Trainer:
+    """Owns one run on this rank: layout, model, optimizer, data and sinks from a validated
+    config. Every rank runs it; rank 0 logs and writes files."""
 
     def __init__(self, cfg: ExperimentConfig, resume: bool = False, resume_from: str | None = None,
-                 show_progress: bool | None = None) -> None:
+                 show_progress: bool | None = None, task: Task | None = None) -> None:
         self.cfg = cfg
         self.run_dir = cfg.run.dir
         self.ckpt_root = self.run_dir / "checkpoints"
+        rank, world = start_process_group(cfg)
+        self.watchdog = None
+        if world > 1 and cfg.parallel.rank_timeout_s > 0:
+            self.watchdog = RankWatchdog(rank, world, cfg.parallel.rank_timeout_s).start()
+        self.dims: ParallelDims = build_dims(cfg.parallel)
         checkpoint = self._find_checkpoint(resume, resume_from)
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
-        self.task = build_task(cfg)
-        self.model = self.task.build_model()
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.task = task if task is not None else build_task(cfg)
+        model = self.task.build_model()
+        if checkpoint is not None and checkpoint.kind == "legacy":
+            self._check_legacy_layout(checkpoint)
+            checkpoint.load_model(model)
+        elif checkpoint is None and cfg.train.init_from:
+            load_weights(model, Path(cfg.train.init_from))
+        self.pm: ParallelModel = parallelize(model, self.dims, cfg.parallel)
+        self.optimizer = self.pm.build_optimizer(cfg.train, grad_accum=cfg.train.grad_accum)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.loader = self.task.train_loader()
+        self.loader = self.task.train_loader(self.dims.dp_rank, self.dims.dp)
         self.step = 0
         if checkpoint is not None:
             self._restore(checkpoint)
-        elif cfg.train.init_from:
-            load_weights(self.model, Path(cfg.train.init_from))
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.show_progress = cfg.metrics.console if show_progress is None else show_progress
+        show = cfg.metrics.console if show_progress is None else show_progress
+        self.show_progress = show and self.is_main_process
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.dims.is_logging_rank
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The (possibly wrapped) model of this rank; a pipeline stage has no whole model."""
+        if self.dims.pp > 1:
+            raise AttributeError("a pipeline-parallel rank holds stages, not the model: use .pm")
+        return self.pm.parts[0]
+
+    # ------------------------------------------------------------------ checkpoints
 
     def _find_checkpoint(self, resume: bool, resume_from: str | None) -> Checkpoint | None:
         if resume_from:
@@ -101,9 +162,49 @@ class Trainer:
             return latest_checkpoint(self.ckpt_root)
         return None
 
+    def _check_legacy_layout(self, checkpoint: Checkpoint) -> None:
+        if self.dims.world_size > 1 or self.cfg.parallel.engine == "deepspeed":
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} is a single-process checkpoint of an older mmfm "
+                f"(model.safetensors + state.pt): resume it on one process without "
+                f"parallel.engine=deepspeed first (it is converted on read; the next checkpoint "
+                f"resumes under any layout), or start from its weights with "
+                f"train.init_from={checkpoint.path}")
+
     def _restore(self, checkpoint: Checkpoint) -> None:
-        checkpoint.load_model(self.model)
-        state = checkpoint.load_state()
+        if checkpoint.kind == "legacy":
+            self._restore_legacy(checkpoint)
+            return
+        layout = checkpoint.meta.get("layout", {})
+        same_dp = layout.get("dp") == self.dims.dp
+        if not same_dp and not self.cfg.parallel.reshard_loader:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} was written with parallel.dp={layout.get('dp')} "
+                f"data-parallel loader positions, this run has parallel.dp={self.dims.dp}: the "
+                f"loader splits shards by data-parallel rank, so positions do not carry over; "
+                f"set parallel.reshard_loader=true to restart the data order")
+        loader_key = f"loader.dp{self.dims.dp_rank}"
+        rng_key = f"rng.rank{self.dims.rank}"
+        loaded = load_distributed(checkpoint.path, self.pm, self.optimizer, self.scheduler,
+                                  objects={loader_key: None, rng_key: None})
+        if same_dp and loader_key in loaded.objects:
+            self.loader.load_state_dict(loaded.objects[loader_key])
+        elif same_dp:
+            warnings.warn(f"checkpoint {checkpoint.path} holds no data loader position (written "
+                          f"by an older mmfm): the data order restarts", stacklevel=2)
+        else:
+            warnings.warn(f"parallel.reshard_loader=true: data order restarts (checkpoint dp="
+                          f"{layout.get('dp')}, run dp={self.dims.dp})", stacklevel=2)
+        same_layout = {k: layout.get(k) for k in ("pp", "dp", "tp", "ep")} == \
+            {"pp": self.dims.pp, "dp": self.dims.dp, "tp": self.dims.tp, "ep": self.dims.ep}
+        if same_layout and rng_key in loaded.objects:
+            set_rng_state(loaded.objects[rng_key])
+        self.step = loaded.step
+
+    def _restore_legacy(self, checkpoint: Checkpoint) -> None:
+        """Old single-process state.pt (weights already loaded): optimizer, schedule, data
+        position and RNG, into the same single-process layout."""
+        state = checkpoint.load_legacy_state()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
@@ -111,10 +212,35 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         self.step = checkpoint.step
 
+    def save(self, path: Path | None = None) -> Path:
+        """Checkpoint this step (collective): into `run/checkpoints/step_*` (pruned to
+        `train.keep_checkpoints`), or into the folder `path`."""
+        objects = {f"loader.dp{self.dims.dp_rank}": self.loader.state_dict(),
+                   f"rng.rank{self.dims.rank}": rng_state()}
+        meta = {"config": self.cfg.to_dict(), "params": vars(count_params(self.cfg.model))}
+        if path is not None:
+            return save_distributed(path, self.pm, self.optimizer, self.scheduler, self.step,
+                                    meta, objects)
+        return save_distributed(self.ckpt_root, self.pm, self.optimizer, self.scheduler,
+                                self.step, meta, objects, keep=self.cfg.train.keep_checkpoints)
+
+    # ------------------------------------------------------------------ the loop
+
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train to `train.steps`, evaluating and checkpointing on the configured cadence.
         `stop_after` ends this invocation early after that many steps (as an interruption would);
         the schedule still spans `train.steps`, so `--resume` continues the same run."""
+        try:
+            result = self._fit(stop_after)
+        except Exception as err:
+            explain_failure(self.watchdog, self.dims.rank, err)  # name a dead peer, if any
+            raise
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        dist.barrier()
+        return result
+
+    def _fit(self, stop_after: int | None) -> TrainResult:
         tcfg = self.cfg.train
         if self.is_main_process:
             save_config(self.cfg, self.run_dir / "config.yaml")
@@ -122,15 +248,16 @@ class Trainer:
         losses: dict[int, float] = {}
         val_loss, ckpt_path = None, None
         batches = iter(self.loader)
-        tokens_per_step = tcfg.micro_batch_size * tcfg.grad_accum * self.cfg.data.seq_len
+        tokens_per_step = tcfg.micro_batch_size * tcfg.grad_accum * self.cfg.data.seq_len * self.dims.dp
         last = tcfg.steps if stop_after is None else min(tcfg.steps, self.step + stop_after)
         try:
             while self.step < last:
                 started = time.perf_counter()
-                record = self._train_step(batches)
+                record = self.train_step(batches)
                 self.step += 1
                 losses[self.step] = record["train/loss"]
                 elapsed = time.perf_counter() - started
+                logger.progress(self.step, tokens_per_step / elapsed)
                 if self.step % tcfg.log_every == 0 or self.step == tcfg.steps:
                     record.update(self._perf(tokens_per_step, elapsed))
                     record.update(self._moe_metrics())
@@ -145,64 +272,72 @@ class Trainer:
             logger.close()
         return TrainResult(self.run_dir, self.step, losses, val_loss, ckpt_path)
 
-    def _train_step(self, batches) -> dict[str, Any]:
+    def train_step(self, batches: Iterator[Any]) -> dict[str, Any]:
+        """One optimizer step on this rank's next `train.grad_accum` micro-batches: forward and
+        backward (flat or through the pipeline schedule), gradient reduction, clipping, AdamW,
+        LR schedule and the aux-loss-free bias update; statistics reduced over the ranks."""
         tcfg = self.cfg.train
-        self.model.train()
-        lm_total = aux_total = 0.0
-        task_metrics: list[dict[str, float]] = []
-        for _ in range(tcfg.grad_accum):
-            with autocast_context(tcfg.precision):
-                out = self.task.loss(self.model, next(batches))
-            ((out.lm_loss + out.aux_loss) / tcfg.grad_accum).backward()
-            lm_total += out.lm_loss.item() / tcfg.grad_accum
-            aux_total += out.aux_loss.item() / tcfg.grad_accum
-            task_metrics.append(out.metrics)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+        self.pm.train()
+        mine = [next(batches) for _ in range(tcfg.grad_accum)]
+        lm, aux, task_metrics = forward_backward(self.pm, mine, self.task,
+                                                 lambda: autocast_context(tcfg.precision))
+        grad_norm = self.pm.step(self.optimizer, tcfg.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        for _, layer in self.model.moe_layers():
-            layer.update_bias()
-        return {"train/loss": lm_total, "train/aux_loss": aux_total,
-                "train/grad_norm": float(grad_norm), "train/lr": lr,
-                **merge_task_metrics(task_metrics)}
+        self.pm.update_moe_bias()
+        lm, aux = reduce_stats(self.pm, [lm, aux])
+        return {"train/loss": lm, "train/aux_loss": aux, "train/grad_norm": grad_norm,
+                "train/lr": lr, **self._merge_over_ranks(merge_task_metrics(task_metrics))}
 
-    def _moe_metrics(self) -> dict[str, Any]:
-        return collect_moe_metrics(self.model)
+    def _merge_over_ranks(self, merged: dict[str, float]) -> dict[str, float]:
+        """A task's step metrics over the data-parallel ranks: counts add up, `loss/X` is
+        weighted by `targets/X` (ranks may see different modalities)."""
+        if self.dims.dp == 1:
+            return merged
+        parts: list = [None] * self.dims.dp
+        dist.all_gather_object(parts, merged, group=self.dims.dp_group)
+        unprefixed = [{k[len("train/"):]: v for k, v in part.items()} for part in parts]
+        return merge_task_metrics(unprefixed)
 
     def _perf(self, tokens_per_step: int, elapsed: float) -> dict[str, float]:
         tokens_per_s = tokens_per_step / elapsed
         return {"perf/tokens_per_s": tokens_per_s, "perf/step_s": elapsed,
                 "perf/tflops": tokens_per_s * self.flops_per_token / 1e12}
 
+    def _moe_metrics(self) -> dict[str, Any]:
+        """Per-layer MoE metrics reduced over the data-parallel ranks (tensor-parallel ranks
+        route the same tokens), gathered from every pipeline stage, then model-wide summaries."""
+        group = self.dims.dp_group if self.dims.dp > 1 else None
+        mine = {k: v for k, v in collect_moe_metrics(self.pm, group).items()
+                if k.startswith("moe/layer_")}
+        if self.dims.pp > 1:
+            parts: list = [None] * self.dims.pp
+            dist.all_gather_object(parts, mine, group=self.dims.pp_group)
+            mine = {k: v for part in parts for k, v in part.items()}
+        return {**mine, **moe_summaries(mine)}
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token loss over the first `train.eval_batches` held-out batches (token-weighted)."""
-        self.model.eval()
+        """Token-weighted mean LM loss over the eval batches; every rank evaluates them all
+        (expert and tensor parallelism need every rank in each forward)."""
+        self.pm.train(False)
         total, count = 0.0, 0
         for batch in self.task.eval_batches():
             with autocast_context(self.cfg.train.precision):
-                out = self.task.loss(self.model, batch)
-            total += out.lm_loss.item() * out.num_targets
-            count += out.num_targets
+                if self.dims.pp > 1:
+                    loss, n = pipeline_eval_loss(self.pm, batch, self.cfg.data.document_mask)
+                else:
+                    out = self.task.loss(self.pm.module, batch)
+                    loss, n = float(out.lm_loss), out.num_targets
+            total += loss * n
+            count += n
         if count == 0:
-            raise UserValueError(f"data.val_shards={self.cfg.data.val_shards} yielded no tokens")
+            raise CheckpointError(f"data.val_shards={self.cfg.data.val_shards} yielded no tokens")
         return total / count
 
-    def save(self) -> Path:
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "loader": self.loader.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        }
-        meta = {"config": self.cfg.to_dict(), "params": vars(count_params(self.cfg.model))}
-        return save_checkpoint(self.ckpt_root, self.step, self.model, state, meta,
-                               keep=self.cfg.train.keep_checkpoints)
-
     def _build_logger(self) -> MetricsLogger:
+        if not self.is_main_process:
+            return MetricsLogger([])
         sinks = [JsonlSink(self.run_dir / "metrics.jsonl")]
         if self.show_progress:
             sinks.append(ConsoleSink(self.cfg.train.steps, self.step))
@@ -212,11 +347,15 @@ class Trainer:
         return MetricsLogger(sinks)
 
 
-def build_trainer(cfg: ExperimentConfig, resume: bool = False, resume_from: str | None = None,
-                  show_progress: bool | None = None) -> Trainer:
-    """`Trainer`, or `mmfm.parallel`'s distributed one when launched on several processes
-    (torchrun), when `parallel` asks for a layout, or to resume a distributed checkpoint."""
-    from mmfm.parallel.trainer import DistributedTrainer, wants_distributed
+def rng_state() -> dict[str, Any]:
+    """This process's torch and Python RNG states as JSON-serializable values."""
+    version, internal, gauss = random.getstate()
+    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+            "python": [version, list(internal), gauss]}
 
-    cls = DistributedTrainer if wants_distributed(cfg, resume, resume_from) else Trainer
-    return cls(cfg, resume=resume, resume_from=resume_from, show_progress=show_progress)
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    raw = base64.b64decode(state["torch"])
+    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
