@@ -169,13 +169,16 @@ def fixed_batch_trainer(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Bat
     """A real `Trainer` under `pcfg` whose task is `FixedBatchTask(batches)` (collective:
     every rank calls it, in a process group of `pcfg`'s world size)."""
     from mmfm.config import DataConfig, ExperimentConfig, MetricsConfig, RunConfig
+    from mmfm.parallel.mesh import launched_world_size
     from mmfm.train.trainer import Trainer
 
-    seq_len = batches[0].input_ids.shape[1]
+    rows, seq_len = batches[0].input_ids.shape
+    rows_per_micro_batch = rows // pcfg.resolved_dp(launched_world_size()) // tcfg.grad_accum
     cfg = ExperimentConfig(
         run=RunConfig(seed=seed, out_dir=str(run_dir or "runs"), name="parity"),
         model=model_cfg, data=DataConfig(seq_len=seq_len, document_mask=False),
-        train=dataclasses.replace(tcfg, steps=max(tcfg.steps, len(batches))),
+        train=dataclasses.replace(tcfg, steps=max(tcfg.steps, len(batches)),
+                                  micro_batch_size=rows_per_micro_batch),
         metrics=MetricsConfig(console=False), parallel=pcfg)
     task = FixedBatchTask(model_cfg, batches, tcfg.grad_accum)
     return Trainer(cfg, resume_from=str(load_from) if load_from else None, task=task)
