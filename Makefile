@@ -32,10 +32,10 @@ browser:
 	  || echo "note: chromium not installed; browser tests will skip"; }
 
 demo: install
-	$(VENV)/bin/mmfm demo
+	$(PY) launchers/demo.py
 
 test: dev
-	$(VENV)/bin/ruff check mmfm moe data encoders tests bench
+	$(VENV)/bin/ruff check mmfm moe data encoders tests bench launchers
 	$(PY) -m pytest -q
 
 bench: install

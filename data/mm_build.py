@@ -76,18 +76,10 @@ class MMRecipe:
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> MMRecipe:
     """Parse and validate a recipe YAML (OmegaConf structured: unknown keys are errors)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from mmfm.yaml_config import merge_structured, read_yaml_mapping
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserValueError(f"recipe file {path} does not exist")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(MMRecipe), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist(list(overrides)))
-        recipe = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise UserValueError(f"recipe {path}: {str(err).splitlines()[0]}") from None
+    raw = read_yaml_mapping(path, UserValueError, what="recipe file")
+    recipe = merge_structured(MMRecipe, [raw], overrides, UserValueError, f"recipe {path}")
     recipe.validate()
     return recipe
 

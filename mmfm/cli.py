@@ -1,4 +1,6 @@
-"""`mmfm` command line: data preparation, training, model info and the end-to-end demo.
+"""`mmfm` command line: data preparation, training, model info, conversion and launching.
+
+The end-to-end demo is `make demo` (launchers/demo.py): orchestration, not installed code.
 
 User errors (`mmfm.errors.MmfmError`: bad config values, missing data, damaged checkpoints)
 print one line, `error: ...`, and exit with status 2; set MMFM_DEBUG=1 to see the traceback
@@ -61,12 +63,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from mmfm.demo import run_demo
-
-    return run_demo(out_dir=args.out, steps=args.steps)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,11 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(info)
     info.set_defaults(func=cmd_info)
 
-    demo = sub.add_parser("demo", help="corpus -> tokenizer -> shards -> train -> evaluate",
-                          description="End-to-end demo on a real corpus assembled from packages.")
-    demo.add_argument("--out", default="runs/demo", help="where data and runs go")
-    demo.add_argument("--steps", type=int, default=None, help="override train.steps")
-    demo.set_defaults(func=cmd_demo)
 
     from mmfm.data.cli import register as register_data
 

@@ -1,8 +1,8 @@
 """Typed, nested experiment configuration: YAML presets plus dotted command-line overrides.
 
-OmegaConf structured configs do the parsing, type checking and unknown-key detection; this
-module adds the cross-field rules and turns every failure into one `ConfigError` line that
-names the field path (e.g. `model.n_heads=6 is not divisible by model.n_kv_heads=4`).
+OmegaConf structured configs do the parsing, type checking and unknown-key detection (through
+`mmfm.yaml_config`, the loader shared with the data recipes); this module adds the cross-field
+rules and turns every failure into one `ConfigError` line that names the field path (e.g. `model.n_heads=6 is not divisible by model.n_kv_heads=4`).
 Configs hold plain values only: no process groups, devices or tensors.
 """
 
@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from mmfm.encoders.config import MultimodalConfig
 from mmfm.errors import UserValueError
 from mmfm.moe.config import MoEConfig
 from mmfm.parallel.config import ParallelConfig
+from mmfm.yaml_config import merge_structured, read_yaml_mapping
 
 PRECISIONS = ("fp32", "bf16")
 DATA_KINDS = ("text", "multimodal")  # which `mmfm.train.task` builds the model, data and loss
@@ -226,19 +225,8 @@ class ExperimentConfig:
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Load a YAML preset (or defaults when `path` is None), apply `a.b.c=value` overrides,
     validate, and return the typed config. Every user error is a one-line `ConfigError`."""
-    schema = OmegaConf.structured(ExperimentConfig)
-    layers = [schema]
-    if path is not None:
-        layers.append(_read_yaml(Path(path)))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key.path=value")
-    try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(_one_line(err, path)) from None
+    layers = [read_yaml_mapping(path, ConfigError)] if path is not None else []
+    cfg = merge_structured(ExperimentConfig, layers, overrides, ConfigError, path)
     assert isinstance(cfg, ExperimentConfig)
     cfg.validate()
     return cfg
@@ -246,11 +234,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     """Rebuild a typed config from `to_dict()` output (e.g. a checkpoint's saved config)."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data))
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(_one_line(err, None)) from None
+    cfg = merge_structured(ExperimentConfig, [data], (), ConfigError)
     cfg.validate()
     return cfg
 
@@ -259,25 +243,3 @@ def save_config(cfg: ExperimentConfig, path: Path) -> None:
     """Write the resolved config as YAML (what the run really used)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def _read_yaml(path: Path):
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path}{where} is not valid YAML") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return OmegaConf.create(data)
-
-
-def _one_line(err: OmegaConfBaseException, path: str | Path | None) -> str:
-    """OmegaConf's messages are multi-line with a `full_key`; keep the key and the reason."""
-    key = getattr(err, "full_key", None)
-    reason = str(err).splitlines()[0].strip()
-    where = f" in {path}" if path else ""
-    return f"{key}: {reason}{where}" if key else f"{reason}{where}"

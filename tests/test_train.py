@@ -31,6 +31,13 @@ def test_loss_falls_and_outputs_are_written(text_data, tmp_path):
                   if "moe/layer_00/tokens_per_expert" in r)
     # log_every=1: one step of 4x64 tokens, each routed to k=2 experts.
     assert sum(counts) == 4 * 64 * 2
+    # Every record says how far the run is: tokens seen, cumulative FLOPs, wall/process time.
+    train = [r for r in records if "train/loss" in r]
+    assert [r["tokens"] for r in train] == [r["step"] * 4 * 64 for r in train]
+    per_token = train[0]["flops"] / train[0]["tokens"]
+    assert per_token > 0 and all(r["flops"] == r["tokens"] * per_token for r in train)
+    walls = [r["time/wall_s"] for r in records]
+    assert walls == sorted(walls) and all(r["time/process_s"] > 0 for r in records)
 
 
 @pytest.mark.parametrize("precision, moe", [("fp32", True), ("bf16", False)])

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -149,18 +148,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None,
     """Parse and validate a recipe file; raises RecipeError (one line) on any problem.
     `check_paths=False` skips the existence check of source paths (for recipes written
     for another machine, e.g. a cluster's)."""
+    from mmfm.yaml_config import read_yaml_mapping
+
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{path}{where}: not valid YAML: "
-                          f"{getattr(e, 'problem', None) or e}") from e
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, RecipeError, what="recipe file")
     raw.setdefault("base_dir", str(path.parent.resolve()))
     return recipe_from_dict(raw, where=str(path), overrides=overrides, check_paths=check_paths)
 
@@ -170,16 +161,9 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "<recipe>",
     sources = raw.get("sources")
     for i, src in enumerate(sources if isinstance(sources, list) else []):
         _check_node(SourceSpec, src, f"sources[{i}]", where)  # errors with the list index
-    try:
-        schema = OmegaConf.structured(Recipe)
-        cfg = OmegaConf.merge(schema, raw)
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-        recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or ""
-        msg = str(e).splitlines()[0]
-        raise RecipeError(f"{where}: {key + ': ' if key else ''}{msg}") from e
+    from mmfm.yaml_config import merge_structured
+
+    recipe = merge_structured(Recipe, [raw], overrides or (), RecipeError, where)
     validate_recipe(recipe, where, check_paths)
     return recipe
 

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mmfm.config import ConfigError, ExperimentConfig, save_config
+from mmfm.errors import UserValueError
 from mmfm.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, collect_moe_metrics
 from mmfm.model.counting import count_params, flops_per_token
 from mmfm.parallel.api import ParallelModel, parallelize
@@ -136,8 +137,10 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.loader = self.task.train_loader(self.dims.dp_rank, self.dims.dp)
         self.step = 0
+        self.clock = _Clock()
         if checkpoint is not None:
             self._restore(checkpoint)
+            self.clock = _Clock(**checkpoint.meta.get("time", {}))
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         show = cfg.metrics.console if show_progress is None else show_progress
         self.show_progress = show and self.is_main_process
@@ -217,7 +220,8 @@ class Trainer:
         `train.keep_checkpoints`), or into the folder `path`."""
         objects = {f"loader.dp{self.dims.dp_rank}": self.loader.state_dict(),
                    f"rng.rank{self.dims.rank}": rng_state()}
-        meta = {"config": self.cfg.to_dict(), "params": vars(count_params(self.cfg.model))}
+        meta = {"config": self.cfg.to_dict(), "params": vars(count_params(self.cfg.model)),
+                "time": {"wall_s": self.clock.wall_s, "process_s": self.clock.process_s}}
         if path is not None:
             return save_distributed(path, self.pm, self.optimizer, self.scheduler, self.step,
                                     meta, objects)
@@ -248,29 +252,46 @@ class Trainer:
         losses: dict[int, float] = {}
         val_loss, ckpt_path = None, None
         batches = iter(self.loader)
-        tokens_per_step = tcfg.micro_batch_size * tcfg.grad_accum * self.cfg.data.seq_len * self.dims.dp
         last = tcfg.steps if stop_after is None else min(tcfg.steps, self.step + stop_after)
+        interval = _Interval()
         try:
             while self.step < last:
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 record = self.train_step(batches)
                 self.step += 1
                 losses[self.step] = record["train/loss"]
                 elapsed = time.perf_counter() - started
-                logger.progress(self.step, tokens_per_step / elapsed)
+                self.clock.add(elapsed, time.process_time() - cpu_started)
+                interval.add(elapsed)
+                logger.progress(self.step, self.tokens_per_step / elapsed)
                 if self.step % tcfg.log_every == 0 or self.step == tcfg.steps:
-                    record.update(self._perf(tokens_per_step, elapsed))
+                    record.update(self._perf(interval.take()))
                     record.update(self._moe_metrics())
-                    logger.log(self.step, record)
+                    logger.log(self.step, {**record, **self._progress_fields()})
                 if self.step % tcfg.eval_every == 0 or self.step == tcfg.steps:
                     val_loss = self.evaluate()
                     logger.log(self.step, {"val/loss": val_loss,
-                                           "val/ppl": float(torch.tensor(val_loss).exp())})
+                                           "val/ppl": float(torch.tensor(val_loss).exp()),
+                                           **self._progress_fields()})
                 if self.step % tcfg.ckpt_every == 0 or self.step == tcfg.steps:
                     ckpt_path = self.save()
         finally:
             logger.close()
         return TrainResult(self.run_dir, self.step, losses, val_loss, ckpt_path)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all data-parallel ranks."""
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum * self.cfg.data.seq_len * self.dims.dp
+
+    def _progress_fields(self) -> dict[str, float]:
+        """What a comparison of runs needs on every record: tokens seen, cumulative training
+        FLOPs (the `mmfm info` convention, 6·N_active + attention) and the run's wall and
+        process time (summed over resumes)."""
+        tokens = self.step * self.tokens_per_step
+        return {"tokens": tokens, "flops": float(tokens * self.flops_per_token),
+                "time/wall_s": self.clock.wall_s, "time/process_s": self.clock.process_s}
 
     def train_step(self, batches: Iterator[Any]) -> dict[str, Any]:
         """One optimizer step on this rank's next `train.grad_accum` micro-batches: forward and
@@ -299,9 +320,12 @@ class Trainer:
         unprefixed = [{k[len("train/"):]: v for k, v in part.items()} for part in parts]
         return merge_task_metrics(unprefixed)
 
-    def _perf(self, tokens_per_step: int, elapsed: float) -> dict[str, float]:
-        tokens_per_s = tokens_per_step / elapsed
-        return {"perf/tokens_per_s": tokens_per_s, "perf/step_s": elapsed,
+    def _perf(self, interval: tuple[int, float]) -> dict[str, float]:
+        """Throughput over the steps since the last log (not one step: one slow step, e.g. a
+        checkpoint write, would otherwise speak for the whole interval)."""
+        steps, seconds = interval
+        tokens_per_s = steps * self.tokens_per_step / seconds
+        return {"perf/tokens_per_s": tokens_per_s, "perf/step_s": seconds / steps,
                 "perf/tflops": tokens_per_s * self.flops_per_token / 1e12}
 
     def _moe_metrics(self) -> dict[str, Any]:
@@ -332,7 +356,7 @@ class Trainer:
             total += loss * n
             count += n
         if count == 0:
-            raise CheckpointError(f"data.val_shards={self.cfg.data.val_shards} yielded no tokens")
+            raise UserValueError(f"data.val_shards={self.cfg.data.val_shards} yielded no tokens")
         return total / count
 
     def _build_logger(self) -> MetricsLogger:
@@ -345,6 +369,34 @@ class Trainer:
             sinks.append(WandbSink(self.cfg.metrics.wandb_project, self.cfg.run.name, self.run_dir,
                                    self.cfg.metrics.wandb_mode, self.cfg.to_dict()))
         return MetricsLogger(sinks)
+
+
+@dataclass
+class _Clock:
+    """Training time of the run so far, carried across resumes in checkpoint metadata."""
+
+    wall_s: float = 0.0
+    process_s: float = 0.0
+
+    def add(self, wall_s: float, process_s: float) -> None:
+        self.wall_s += wall_s
+        self.process_s += process_s
+
+
+class _Interval:
+    """Steps and seconds since the last log record."""
+
+    def __init__(self) -> None:
+        self.steps, self.seconds = 0, 0.0
+
+    def add(self, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+
+    def take(self) -> tuple[int, float]:
+        out = (self.steps, self.seconds)
+        self.steps, self.seconds = 0, 0.0
+        return out
 
 
 def rng_state() -> dict[str, Any]:
