@@ -2,6 +2,7 @@
 per-expert load monitoring). Import as `mmfm.moe`, never as a bare `moe`."""
 
 from mmfm.moe.capacity import capacity_keep_mask, expert_capacity
+from mmfm.moe.capture import LayerRouting, RoutingCapture, capture_routing
 from mmfm.moe.config import MoEConfig
 from mmfm.moe.dispatcher import AllToAllDispatcher, LocalDispatcher, all_to_all, permute, unpermute
 from mmfm.moe.experts import (
@@ -12,7 +13,6 @@ from mmfm.moe.experts import (
     check_backend_available,
 )
 from mmfm.moe.layer import MoELayer
-from mmfm.moe.capture import LayerRouting, RoutingCapture, capture_routing
 from mmfm.moe.losses import (
     router_z_loss,
     sequence_balance_loss,
