@@ -212,9 +212,39 @@ def heldout_batches(cfg, data: dict[str, str], tokens: int) -> list[tuple[Any, s
 
         batches = build_task(cfg).eval_batches()
     else:
-        batches = iter_eval_batches(cfg.data.val_shards, seq, mbs,
-                                    vocab_size=cfg.model.vocab_size)
+        batches = balanced_rows(iter_eval_batches(cfg.data.val_shards, seq, mbs,
+                                                  vocab_size=cfg.model.vocab_size), tokens, mbs)
     return [(b, None) for b in _first_tokens(batches, tokens)]
+
+
+def balanced_rows(batches: Iterable[Any], tokens: int, batch_size: int) -> list[Any]:
+    """Validation rows re-batched so each source gets an equal share of `tokens` (by the
+    majority source of each row): validation shards list sources one after another, and the
+    first N tokens would often hold only the first source."""
+    from mmfm.data.loader import Batch
+
+    kept: list[tuple[Any, int]] = []
+    taken: dict[int, int] = {}
+    for batch in batches:
+        quota = tokens // max(1, len(batch.sources))
+        for r in range(batch.input_ids.shape[0]):
+            ids = batch.source_ids[r]
+            real = ids[ids >= 0]
+            if real.numel() == 0:
+                continue
+            major = int(real.mode().values)
+            if taken.get(major, 0) < quota:
+                kept.append((batch, r))
+                taken[major] = taken.get(major, 0) + int(ids.numel())
+        if len(taken) == len(batch.sources) and min(taken.values()) >= quota:
+            break
+    out = []
+    for start in range(0, len(kept), batch_size):
+        group = kept[start:start + batch_size]
+        out.append(Batch(*(torch.stack([getattr(b, f)[r] for b, r in group])
+                           for f in ("input_ids", "labels", "doc_ids", "source_ids")),
+                         sources=group[0][0].sources))
+    return out
 
 
 def _first_tokens(batches: Iterable[Any], tokens: int) -> list[Any]:
