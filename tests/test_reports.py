@@ -23,6 +23,7 @@ from mmfm.report.capture import (
     capture_records,
     record_routing,
     records_path,
+    routing_sample_batch,
 )
 from mmfm.report.compare import compare_report, reach
 from mmfm.report.records import load_records
@@ -92,6 +93,22 @@ def test_record_routing_hook_writes_a_records_file(text_data, tmp_path):
     assert back.step == 40 and back.num_tokens == 128 and back.extra["kind"] == "train"
     assert model.training  # left as it was
     assert all(not layer.router._forward_hooks for _, layer in model.moe_layers())
+
+
+def test_report_from_training_samples_when_analyze_was_not_run(runs, text_data, tmp_path):
+    """The trainer's hook on a fixed batch at two steps is enough for saturation and the rest."""
+    from mmfm.data.loader import iter_eval_batches
+    from mmfm.report.capture import _load_model_from_checkpoint
+
+    run = _copy(runs["moe"], tmp_path, "moe")
+    batch = routing_sample_batch(iter_eval_batches(text_data["val"], 64, 4), tokens=300)
+    assert batch.input_ids.shape == (5, 64)  # whole rows covering 300 tokens
+    for step in (2, 4):
+        _, model = _load_model_from_checkpoint(run / "checkpoints" / f"step_{step:08d}")
+        record_routing(model, batch, step, records_path(run, TRAIN_SAMPLES, step))
+    _, json_path = routing_report(run)
+    numbers = json.loads(json_path.read_text())
+    assert numbers["records"] == "train" and numbers["saturation"]["steps"] == [2, 4]
 
 
 def test_routing_trace_every_is_validated(text_data, tmp_path):

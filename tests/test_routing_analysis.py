@@ -53,9 +53,12 @@ def test_dead_and_hot_experts_against_uniform_load():
 
 def test_load_over_training_reads_logged_vectors():
     rows = [{"step": 10, "moe/layer_01/tokens_per_expert": [30.0, 10.0],
+             "moe/layer_01/image/tokens_per_expert": [5.0, 0.0],
              "moe/layer_01/expert_bias": [0.0, 0.1], "moe/layer_01/router_entropy": 0.6},
             {"step": 20, "moe/layer_01/tokens_per_expert": [20.0, 20.0]}, {"step": 20, "val/loss": 1}]
-    series = A.load_over_training(rows)["layer_01"]
+    all_series = A.load_over_training(rows)
+    assert all_series["layer_01/image"]["share"] == [[1.0, 0.0]]  # per-modality counts apart
+    series = all_series["layer_01"]
     assert series["steps"] == [10, 20]
     assert series["share"] == [[0.75, 0.25], [0.5, 0.5]]
     assert series["maxvio"] == [pytest.approx(0.5), 0.0]

@@ -10,6 +10,7 @@ from mmfm.metrics.sinks import imbalance_summary, maxvio_metrics, twin_group
 RECORD = {"train/loss": 2.0, "tokens": 4096,
           "moe/layer_00/tokens_per_expert": [30.0, 10.0, 20.0, 20.0],
           "moe/layer_01/tokens_per_expert": [20.0, 20.0, 20.0, 20.0],
+          "moe/layer_01/image/tokens_per_expert": [20.0, 20.0],
           "moe/dropped_fraction": 0.01}
 
 
@@ -17,6 +18,7 @@ def test_maxvio_and_console_line_from_planted_loads():
     vio = maxvio_metrics(RECORD)
     assert vio["moe/layer_00/maxvio"] == pytest.approx(0.5)  # (30 - 20) / 20
     assert vio["moe/layer_01/maxvio"] == 0.0 and vio["moe/maxvio"] == pytest.approx(0.5)
+    assert vio["moe/layer_01/image/maxvio"] == 0.0
     line = imbalance_summary(RECORD)
     assert line == ("MoE MaxVio 0.50 (layer_00), coldest expert 0.50x uniform (layer_00), "
                     "dropped 1.0%")
@@ -46,7 +48,7 @@ def test_wandb_sink_offline_logs_load_and_resumes_the_same_run(tmp_path, monkeyp
     assert logged[0]["moe/layer_00/maxvio"] == pytest.approx(0.5)
     assert "moe/expert_load" not in logged[0]  # the load table comes with evaluations
     table = logged[1]["moe/expert_load"]
-    assert table.columns == ["layer", "expert", "share"] and len(table.data) == 8
+    assert table.columns == ["layer", "expert", "share"] and len(table.data) == 10
     assert "moe/expert_load_heatmap" in logged[1]
     assert sink._run.summary["params/active"] < sink._run.summary["params/total"]
     assert sink._run.group == "text" and list(sink._run.tags) == ["moe"]

@@ -147,8 +147,8 @@ def model_summary(config: dict) -> dict[str, float]:
 
 
 def load_vectors(metrics: dict[str, Any]) -> dict[str, list[float]]:
-    """{layer_XX: tokens per expert} of the MoE layers in a record."""
-    return {k.split("/")[1]: v for k, v in metrics.items()
+    """{layer_XX (or layer_XX/<modality>): tokens per expert} of the MoE layers in a record."""
+    return {k[len("moe/"):-len("/tokens_per_expert")]: v for k, v in metrics.items()
             if k.startswith("moe/layer_") and k.endswith("/tokens_per_expert")
             and isinstance(v, list)}
 
@@ -172,7 +172,7 @@ def imbalance_summary(metrics: dict[str, Any]) -> str:
     vio = maxvio_metrics(metrics)
     if not counts or not vio:
         return ""
-    worst = max((k for k in vio if k != "moe/maxvio"), key=vio.get).split("/")[1]
+    worst = max((k for k in vio if k != "moe/maxvio"), key=vio.get)[len("moe/"):-len("/maxvio")]
     coldest = min(((layer, min(_shares(c)) * len(c)) for layer, c in counts.items()),
                   key=lambda item: item[1])
     dropped = metrics.get("moe/dropped_fraction", 0.0)
@@ -189,7 +189,9 @@ def _heatmap_array(counts: dict[str, list[float]]):
     """(layers, experts) shares as an 8-bit image, scaled so the largest share is white."""
     import numpy as np
 
-    shares = np.array([_shares(c) for _, c in sorted(counts.items())], dtype=np.float64)
+    width = max(len(c) for c in counts.values())  # modality groups may differ in size
+    shares = np.array([_shares(c) + [0.0] * (width - len(c)) for _, c in sorted(counts.items())],
+                      dtype=np.float64)
     scaled = shares / max(shares.max(), 1e-12)
     return np.kron((scaled * 255).astype(np.uint8), np.ones((16, 16), dtype=np.uint8))
 

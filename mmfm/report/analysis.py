@@ -55,13 +55,15 @@ def dead_and_hot(counts_LE: np.ndarray, layers: Sequence[int], dead_below: float
 
 def load_over_training(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per MoE layer, from metrics.jsonl records: steps, each expert's token share per logged
-    step, batch MaxVio, dropped fraction, router entropy and aux-loss-free bias per step."""
+    step, batch MaxVio, dropped fraction, router entropy and aux-loss-free bias per step.
+    Series are named `layer_XX`, or `layer_XX/<modality>` for the per-modality counts of
+    multimodal runs (modality expert groups, or shared routing tracked by modality)."""
     out: dict[str, dict[str, Any]] = {}
     for row in rows:
         for key, value in row.items():
             if not (key.startswith("moe/layer_") and key.endswith("/tokens_per_expert")):
                 continue
-            layer = key.split("/")[1]
+            layer = key[len("moe/"):-len("/tokens_per_expert")]
             counts_E = np.asarray(value, dtype=np.float64)
             series = out.setdefault(layer, {"steps": [], "share": [], "maxvio": [], "dropped": [],
                                             "entropy": [], "bias": []})

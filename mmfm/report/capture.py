@@ -3,8 +3,8 @@
 Two entry points:
 
 * `record_routing(model, batch, step, out_path)`: the trainer's hook, called every
-  `metrics.routing_trace_every` steps on one fixed small batch; writes
-  `RUN/routing/train/step_XXXXXXXX.npz`.
+  `metrics.routing_trace_every` steps on one fixed small batch (`routing_sample_batch`);
+  writes `RUN/routing/train/step_XXXXXXXX.npz`.
 * `analyze_run(run_dir, ...)` (`mmfm analyze RUN`): each chosen checkpoint through the same
   held-out tokens; writes `RUN/routing/heldout/step_XXXXXXXX.npz`.
 
@@ -151,6 +151,27 @@ def record_routing(model: nn.Module, batch: Any, step: int, out_path: str | Path
     records = capture_records(model, [(batch, None)], step, document_mask=document_mask,
                               extra={"kind": TRAIN_SAMPLES})
     return save_records(records, out_path)
+
+
+def routing_sample_batch(eval_batches: Iterable[Any], tokens: int) -> Any:
+    """The trainer's fixed routing batch: the first validation rows holding at least `tokens`
+    tokens (`metrics.routing_trace_tokens`). A multimodal batch (media tied to its rows) is
+    taken whole: the first one."""
+    from mmfm.data.loader import Batch
+
+    taken: list[Any] = []
+    for batch in eval_batches:
+        if not isinstance(batch, Batch):
+            return batch
+        taken.append(batch)
+        if sum(b.input_ids.numel() for b in taken) >= tokens:
+            break
+    if not taken:
+        raise UserValueError("the validation data yielded no batch to sample routing on")
+    fields = ("input_ids", "labels", "doc_ids", "source_ids")
+    rows = tokens // taken[0].input_ids.shape[1] + (tokens % taken[0].input_ids.shape[1] > 0)
+    joined = {f: torch.cat([getattr(b, f) for b in taken])[:max(1, rows)] for f in fields}
+    return Batch(**joined, sources=taken[0].sources)
 
 
 # ----------------------------------------------------------------------------- mmfm analyze
