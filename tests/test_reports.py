@@ -259,3 +259,29 @@ def test_cli_register_parses_analyze_and_reports(runs, tmp_path, capsys):
     args = parser.parse_args(["analyze", str(run), "--data", "bad"])
     with pytest.raises(MmfmError, match="NAME=SHARDS_DIR"):
         args.func(args)
+
+
+def test_compare_reads_logged_tokens_flops_wall_and_per_source_losses(runs, tmp_path):
+    """With the keys the trainer logs (`tokens`, `flops`, `time/wall_s`, `val/loss/<source>`),
+    planted curves give known reach ratios: B reaches A's final loss 2.0 halfway between its
+    evaluations at 100 and 200 tokens, i.e. at 150 tokens where A needed 300."""
+    a, b = _copy(runs["moe"], tmp_path, "a"), _copy(runs["dense"], tmp_path, "b")
+    curves = {a: [(100, 3.0), (300, 2.0)], b: [(100, 2.5), (200, 1.5)]}
+    for run, points in curves.items():
+        rows = [{"step": i + 1, "val/loss": loss, "tokens": t, "flops": 10 * t,
+                 "time/wall_s": t / 100, "val/loss/code": loss + 1}
+                for i, (t, loss) in enumerate(points)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    html, json_path = compare_report([a, b], out_dir=tmp_path / "cmp")
+    numbers = json.loads(json_path.read_text())
+    assert numbers["runs"][0]["approximate"] == []
+    b_reaches_a = next(r for r in numbers["reach"] if r["run"] == "b")
+    assert b_reaches_a["tokens"] == pytest.approx(150)
+    assert b_reaches_a["tokens_ratio"] == pytest.approx(0.5)
+    assert b_reaches_a["flops_ratio"] == pytest.approx(0.5)
+    assert b_reaches_a["wall_s_ratio"] == pytest.approx(0.5)
+    a_reaches_b = next(r for r in numbers["reach"] if r["run"] == "a")
+    assert a_reaches_b["tokens"] is None  # A never gets down to 1.5
+    assert numbers["runs"][1]["val_loss_by_source"]["code"] == [[100, 3.5], [200, 2.5]]
+    assert "val loss on code" not in html.read_text()  # figures are images, captions say it
+    assert "source code" in html.read_text()

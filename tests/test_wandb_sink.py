@@ -60,3 +60,16 @@ def test_wandb_sink_offline_logs_load_and_resumes_the_same_run(tmp_path, monkeyp
     fresh = WandbSink("mmfm-test", "text_moe", tmp_path, "offline", config)
     assert fresh._run.id != first_id
     fresh.close()
+
+
+def test_console_sink_prints_the_imbalance_line_per_log_step(capsys):
+    from mmfm.metrics import ConsoleSink
+
+    sink = ConsoleSink(total_steps=10)
+    sink.write(5, RECORD)
+    sink.write(6, {"train/loss": 1.0})  # no MoE metrics: no line
+    sink.close()
+    out = capsys.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if "MaxVio" in line]
+    assert lines == ["step 5: MoE MaxVio 0.50 (layer_00), coldest expert 0.50x uniform "
+                     "(layer_00), dropped 1.0%"]
