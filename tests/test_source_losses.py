@@ -62,3 +62,26 @@ def test_source_losses_ignore_batches_without_sources():
     meter = SourceLosses()
     meter.add(torch.ones(1, 2), torch.ones(1, 2, dtype=torch.long), None, ())
     assert meter.metrics() == {}
+
+
+def test_per_source_losses_of_a_real_model_average_to_the_overall_loss(text_data, tmp_path):
+    """As the trainer's evaluate would call it: the token-weighted mean of val/loss/<source>
+    equals the overall validation loss."""
+    from conftest import tiny_config
+
+    from mmfm.train.task import TextTask
+
+    task = TextTask(tiny_config(text_data, tmp_path))
+    model = task.build_model().eval()
+    meter, total, count = SourceLosses(), 0.0, 0
+    with torch.no_grad():
+        for batch in task.eval_batches():
+            out = task.loss(model, batch)
+            meter.add_batch(batch, out.token_loss_BT)
+            total += out.lm_loss.item() * out.num_targets
+            count += out.num_targets
+    per_source = meter.metrics()
+    assert set(per_source) == {f"val/loss/{s}" for s in batch.sources if s in meter.counts}
+    weighted = sum(meter.sums.values()) / sum(meter.counts.values())
+    assert weighted == pytest.approx(total / count, rel=1e-5)
+    assert sum(meter.counts.values()) == count

@@ -9,6 +9,7 @@ it equals the mean loss of that source's tokens however the batches split them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,6 +40,13 @@ class SourceLosses:
             if count:
                 self.sums[name] = self.sums.get(name, 0.0) + total
                 self.counts[name] = self.counts.get(name, 0) + int(count)
+
+    def add_batch(self, batch: Any, token_loss_BT: Tensor | None) -> None:
+        """Add a validation batch with its per-token losses (`LossOutput.token_loss_BT`);
+        batches without sources (multimodal, training) or losses add nothing."""
+        if token_loss_BT is not None:
+            self.add(token_loss_BT, batch.labels, getattr(batch, "source_ids", None),
+                     getattr(batch, "sources", ()))
 
     def metrics(self, prefix: str = "val/loss") -> dict[str, float]:
         """`{prefix}/<source>`: the token-weighted mean loss of each source seen."""
