@@ -179,3 +179,24 @@ def test_inconsistent_records_are_refused(tmp_path):
     r.token_N = r.token_N[:5]
     with pytest.raises(RoutingRecordsError, match="token_N has shape"):
         save_records(r, tmp_path / "x.npz")
+
+
+def test_headlines_name_the_expert_each_source_leans_to():
+    from mmfm.report.summary import compare_headlines, routing_headlines
+
+    numbers = {"moe_layers": [1, 3],
+               "heldout_load": {"step": 9, "maxvio_global": [0.2, 1.5], "dead": [{}], "hot": []},
+               "specialization_by_source": {
+                   "groups": ["code", "prose"], "uniform": 0.5, "score": [0.1, 0.9],
+                   "share": [[[0.5, 0.5], [0.5, 0.5]], [[1.0, 0.0], [0.0, 1.0]]]}}
+    lines = routing_headlines(numbers)
+    assert lines[0] == "held-out load at step 9: worst global MaxVio 1.50; 1 dead and 0 hot expert(s)"
+    assert "strongest in layer_03" in lines[1]
+    assert lines[2].startswith("  code: expert 0 of layer_03 takes 100% of its tokens (+50%")
+    assert lines[3].startswith("  prose: expert 1 of layer_03")
+    cmp = {"runs": [{"name": "moe", "val_loss": [3.0], "tokens": [1000], "finished": False}],
+           "reach": [{"run": "moe", "reaches": "dense", "tokens_ratio": 0.5, "flops_ratio": 0.6,
+                      "wall_s_ratio": 0.7}]}
+    assert compare_headlines(cmp) == [
+        "moe: final val loss 3.0000 after 1e+03 tokens (in progress)",
+        "moe reaches dense's final loss with 0.50x its tokens, 0.60x its FLOPs, 0.70x its wall time"]

@@ -24,20 +24,30 @@ def _name_value(item: str) -> tuple[str, str]:
 
 
 def cmd_report_routing(args: argparse.Namespace) -> int:
+    import json
+
     from mmfm.report.routing import routing_report
+    from mmfm.report.summary import routing_headlines
 
     html, json_path = routing_report(args.run, layer=args.layer)
     print(html)
     print(json_path)
+    for line in routing_headlines(json.loads(json_path.read_text())):
+        print(line)
     return 0
 
 
 def cmd_report_compare(args: argparse.Namespace) -> int:
+    import json
+
     from mmfm.report.compare import compare_report
+    from mmfm.report.summary import compare_headlines
 
     html, json_path = compare_report(args.runs, out_dir=args.out)
     print(html)
     print(json_path)
+    for line in compare_headlines(json.loads(json_path.read_text())):
+        print(line)
     return 0
 
 

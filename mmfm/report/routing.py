@@ -314,6 +314,7 @@ def _records_sections(page: _Page, records: list[RoutingRecords], numbers: dict[
                       kind: str, decode, layer: int | None) -> None:
     final = records[-1]
     layers = final.layers_L.tolist()
+    numbers["moe_layers"] = layers  # decoder layer of each per-layer list below
     if layer is not None and layer not in layers:
         raise UserValueError(f"--layer {layer} is not an MoE layer of this run (MoE layers: {layers})")
     layer_pos = layers.index(layer) if layer is not None else len(layers) - 1
