@@ -254,8 +254,10 @@ def test_cli_register_parses_analyze_and_reports(runs, tmp_path, capsys):
     assert args.func(args) == 0
     args = parser.parse_args(["report", "routing", str(run)])
     assert args.func(args) == 0
-    out = capsys.readouterr().out.split()
-    assert out[-2].endswith("reports/routing.html") and Path(out[-2]).is_file()
+    out = capsys.readouterr().out.splitlines()
+    html = next(line for line in out if line.endswith("reports/routing.html"))
+    assert Path(html).is_file()
+    assert any(line.startswith("held-out load at step 4: worst global MaxVio") for line in out)
     args = parser.parse_args(["analyze", str(run), "--data", "bad"])
     with pytest.raises(MmfmError, match="NAME=SHARDS_DIR"):
         args.func(args)
