@@ -55,15 +55,24 @@ STATE_VERSION = 2
 
 @dataclass
 class Batch:
-    """One micro batch. ``input_ids``/``labels``: (B, T) int64; ``doc_ids``: (B, T) int32."""
+    """One micro batch. ``input_ids``/``labels``: (B, T) int64; ``doc_ids``: (B, T) int32.
+
+    Validation batches also say where each token came from: ``source_ids`` (B, T) int16 indexes
+    ``sources`` (the shard index's source names; "unknown" for documents written without one),
+    -1 on padding. Training batches leave them empty (None, ())."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     doc_ids: torch.Tensor
+    source_ids: torch.Tensor | None = None
+    sources: tuple[str, ...] = ()
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        source_ids = (None if self.source_ids is None
+                      else self.source_ids.to(device, non_blocking=non_blocking))
         return Batch(*(t.to(device, non_blocking=non_blocking)
-                       for t in (self.input_ids, self.labels, self.doc_ids)))
+                       for t in (self.input_ids, self.labels, self.doc_ids)),
+                     source_ids=source_ids, sources=self.sources)
 
     @property
     def num_target_tokens(self) -> int:
@@ -373,51 +382,77 @@ def _eval_batches(
 ) -> Iterator[Batch]:
     if max_batches is not None and max_batches <= 0:
         return
+    sources = source_names(index)
     rows: list[_EvalRow] = []
     emitted = 0
-    for row in _eval_rows(shards_dir, index, seq_len + 1):
+    for row in _eval_rows(shards_dir, index, seq_len + 1, sources):
         rows.append(row)
         if len(rows) == micro_batch_size:
-            yield _eval_batch(rows)
+            yield _eval_batch(rows, sources)
             emitted, rows = emitted + 1, []
             if emitted == max_batches:
                 return
     if rows:
-        yield _eval_batch(rows)
+        yield _eval_batch(rows, sources)
 
 
-_EvalRow = tuple[np.ndarray, np.ndarray, int]  # (tokens, doc ids, number of pad tokens)
+UNKNOWN_SOURCE = "unknown"  # the source of documents written without one (older shards)
 
 
-def _eval_rows(shards_dir: Path, index: dict[str, Any], row_len: int) -> Iterator[_EvalRow]:
-    pieces: list[np.ndarray] = []
+def source_names(index: dict[str, Any]) -> tuple[str, ...]:
+    """The sources a shard set holds, sorted: the keys of its index's per-source counts, or
+    just "unknown" for an index written before sources were counted."""
+    return tuple(sorted(index.get("sources") or {UNKNOWN_SOURCE: None}))
+
+
+# (tokens, doc ids, source index per token, number of pad tokens)
+_EvalRow = tuple[np.ndarray, np.ndarray, np.ndarray, int]
+
+
+def _eval_rows(shards_dir: Path, index: dict[str, Any], row_len: int,
+               sources: tuple[str, ...]) -> Iterator[_EvalRow]:
+    pieces: list[tuple[np.ndarray, int]] = []
     filled = 0
     for shard in index["shards"]:
-        for _, ids, _ in iter_shard_docs(shards_dir / shard["name"]):
+        for _, ids, meta in iter_shard_docs(shards_dir / shard["name"]):
+            source = _source_index(meta, sources)
             offset = 0
             while offset < len(ids):
                 piece = ids[offset:offset + row_len - filled]
-                pieces.append(piece)
+                pieces.append((piece, source))
                 filled, offset = filled + len(piece), offset + len(piece)
                 if filled == row_len:
                     yield _make_row(pieces, 0)
                     pieces, filled = [], 0
     if filled:
         # The pad run gets a doc id of its own, so no real token ever attends to it.
-        pieces.append(np.full(row_len - filled, index["pad_id"], dtype=np.int32))
+        pieces.append((np.full(row_len - filled, index["pad_id"], dtype=np.int32), -1))
         yield _make_row(pieces, row_len - filled)
 
 
-def _make_row(pieces: list[np.ndarray], n_pad: int) -> _EvalRow:
-    doc_ids = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p) for p in pieces])
-    return np.concatenate(pieces).astype(np.int64), doc_ids, n_pad
+def _source_index(meta: dict[str, Any], sources: tuple[str, ...]) -> int:
+    name = str(meta.get("source", UNKNOWN_SOURCE))
+    if name in sources:
+        return sources.index(name)
+    # A document whose source the index does not list (hand-edited shards) counts as unknown.
+    return sources.index(UNKNOWN_SOURCE) if UNKNOWN_SOURCE in sources else -1
 
 
-def _eval_batch(rows: list[_EvalRow]) -> Batch:
+def _make_row(pieces: list[tuple[np.ndarray, int]], n_pad: int) -> _EvalRow:
+    lengths = [len(p) for p, _ in pieces]
+    doc_ids = np.repeat(np.arange(len(pieces), dtype=np.int32), lengths)
+    source_ids = np.repeat(np.array([s for _, s in pieces], dtype=np.int16), lengths)
+    tokens = np.concatenate([p for p, _ in pieces]).astype(np.int64)
+    return tokens, doc_ids, source_ids, n_pad
+
+
+def _eval_batch(rows: list[_EvalRow], sources: tuple[str, ...]) -> Batch:
     tokens_BR = torch.from_numpy(np.stack([r[0] for r in rows]))  # R = T+1
     doc_BR = torch.from_numpy(np.stack([r[1] for r in rows]))
+    source_BR = torch.from_numpy(np.stack([r[2] for r in rows]))
     labels_BT = tokens_BR[:, 1:].clone()
-    for b, (_, _, n_pad) in enumerate(rows):
+    for b, (_, _, _, n_pad) in enumerate(rows):
         if n_pad:
             labels_BT[b, -n_pad:] = IGNORE_INDEX
-    return Batch(tokens_BR[:, :-1].contiguous(), labels_BT, doc_BR[:, :-1].contiguous())
+    return Batch(tokens_BR[:, :-1].contiguous(), labels_BT, doc_BR[:, :-1].contiguous(),
+                 source_ids=source_BR[:, :-1].contiguous(), sources=sources)

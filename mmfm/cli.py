@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.parallel.launch import register as register_launch
 
     register_launch(sub)
+    from mmfm.report.cli import register as register_report
+
+    register_report(sub)
     return parser
 
 

@@ -157,8 +157,17 @@ class MetricsConfig:
     wandb: bool = False
     wandb_project: str = "mmfm"
     wandb_mode: str = "offline"  # offline needs no account; `online` syncs live
+    # Every N steps, record one fixed small validation batch's routing (top-k experts and gate
+    # weights per token and MoE layer) to RUN/routing/train/ (mmfm.report.capture); 0: never.
+    routing_trace_every: int = 0
+    routing_trace_tokens: int = 2048  # tokens of that batch (whole validation rows)
 
     def validate(self, path: str = "metrics") -> None:
+        if self.routing_trace_every < 0:
+            raise ConfigError(f"{path}.routing_trace_every={self.routing_trace_every} must be "
+                              ">= 0 (0 disables)")
+        if self.routing_trace_tokens <= 0:
+            raise ConfigError(f"{path}.routing_trace_tokens={self.routing_trace_tokens} must be > 0")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ConfigError(
                 f"{path}.wandb_mode={self.wandb_mode!r} is not one of offline, online, disabled"

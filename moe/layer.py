@@ -23,7 +23,6 @@ from mmfm.moe.losses import (
 )
 from mmfm.moe.metrics import LoadMonitor, in_backward
 from mmfm.moe.router import Router, RouterOutput
-from mmfm.moe.trace import RoutingTraceWriter
 
 _COEFS = {"lb_loss": "aux_loss_coef", "seq_aux_loss": "seq_aux_loss_coef",
           "z_loss": "z_loss_coef"}
@@ -59,8 +58,6 @@ class MoELayer(nn.Module):
             shared_hidden = cfg.shared_expert_hidden or hidden
             self.shared_experts = SharedExperts(d_model, cfg.num_shared_experts * shared_hidden)
         self.load = LoadMonitor(E)
-        self.trace: RoutingTraceWriter | None = None
-        self.layer_idx: int | None = None
         self.reset_parameters()
 
     def reset_parameters(self, out_std: float | None = None) -> None:
@@ -121,7 +118,7 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def _monitor(self, r: RouterOutput, keep_TK: Tensor | None, losses: dict[str, Tensor],
                  B: int, S: int) -> None:
-        """Count load (training, outside backward) and write the routing trace when attached.
+        """Count load (training, outside backward).
 
         Skipped inside backward so activation-checkpoint recomputation never counts twice.
         Losses whose coefficient is 0 are computed here, without autograd, for the metrics.
@@ -136,10 +133,6 @@ class MoELayer(nn.Module):
             counts_E = tokens_per_expert(r.topk_idx_TK, self.cfg.num_experts)
             self.load.update(counts_E, r.probs_TE, dropped, losses,
                              count_for_bias=self.cfg.bias_update_rate > 0)
-        if self.trace is not None:
-            K = self.cfg.top_k
-            self.trace.record(self.layer_idx, r.topk_idx_TK.view(B, S, K),
-                              r.topk_weight_TK.view(B, S, K))
 
     def _global_counts(self, counts_E: Tensor) -> Tensor:
         group = getattr(self.dispatcher, "group", None)
@@ -176,7 +169,3 @@ class MoELayer(nn.Module):
         hi = lo + self.experts.num_local
         local = {k: (v[lo:hi] if k.startswith("experts.w") else v) for k, v in state_dict.items()}
         return self.load_state_dict(local, strict=strict)
-
-    def attach_trace(self, writer: RoutingTraceWriter | None, layer_idx: int | None = None) -> None:
-        """Record routing decisions of every forward to `writer` (None detaches)."""
-        self.trace, self.layer_idx = writer, layer_idx

@@ -89,11 +89,6 @@ class ModalityExperts(nn.Module):
         for layer in self.groups.values():
             layer.update_bias(group)
 
-    def attach_trace(self, writer, layer_idx: int | None = None) -> None:
-        if writer is not None:
-            raise UserValueError("routing traces are not supported for modality expert groups "
-                             "(multimodal.moe_routing=modality); use shared routing to trace")
-
 
 class ModalityTrackedMoELayer(MoELayer):
     """`MoELayer` (shared routing) that also counts tokens per expert for each modality.

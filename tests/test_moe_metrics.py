@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-from mmfm.moe import MoEConfig, MoELayer, RoutingTraceWriter, read_trace
+from mmfm.moe import MoEConfig, MoELayer, capture_routing
 
 NAMES = {"tokens_per_expert": "sum", "load_imbalance": "max", "load_cv": "mean",
          "min_load": "min", "max_load": "max", "router_entropy": "mean",
@@ -88,21 +88,20 @@ def test_update_bias_is_noop_at_rate_zero():
     assert layer.router.expert_bias.abs().sum().item() == 0
 
 
-def test_routing_trace(tmp_path):
+def test_capture_routing_records_the_routers_choice_and_detaches(tmp_path):
     layer = _layer()
-    path = tmp_path / "trace.jsonl"
     x = torch.randn(2, 3, 8)
-    with RoutingTraceWriter(path) as writer:
-        layer.attach_trace(writer, layer_idx=7)
-        writer.context = {"step": 5, "source": "wiki"}
+    with capture_routing(layer) as capture:
         layer(x)
-    rows = read_trace(path)
-    assert len(rows) == 1
-    row = rows[0]
-    assert row["layer"] == 7 and row["shape"] == [2, 3] and row["step"] == 5
-    idx = layer.router(x.reshape(-1, 8)).topk_idx_TK.view(2, 3, 2)
-    assert row["experts"] == idx.tolist()
-    assert len(row["weights"][1][2]) == 2
+        layer(x[:1])
+    experts_TK, weights_TK = capture.layers[0].cat()
+    r = layer.router(x.reshape(-1, 8))
+    assert experts_TK.shape == (9, 2)
+    assert torch.equal(experts_TK[:6], r.topk_idx_TK)
+    torch.testing.assert_close(weights_TK[:6], r.topk_weight_TK)
+    layer(x)  # hooks are gone after the block: nothing more is recorded
+    assert capture.layers[0].cat()[0].shape[0] == 9
+    assert not layer.router._forward_hooks
 
 
 class _MaxNumel(TorchDispatchMode):

@@ -27,6 +27,9 @@ def test_wheel_contains_every_module(tmp_path):
     missing = sorted(expected - names)
     assert not missing, f"modules missing from the wheel: {missing}"
     assert not any(n.startswith(("moe/", "data/", "encoders/")) for n in names)
+    templates = {f"mmfm/report/templates/{p.name}"
+                 for p in (ROOT / "mmfm" / "report" / "templates").glob("*.j2")}
+    assert templates and templates <= names, f"report templates missing: {templates - names}"
 
 
 def test_no_bare_imports_of_top_level_folders():

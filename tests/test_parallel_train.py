@@ -64,6 +64,11 @@ def test_pipeline_run_logs_once_and_resumes_on_one_process(text_data, tmp_path):
     assert sum(counts) == 2 * 2 * 64 * 2  # one step: 4 rows × 64 tokens × top-2
     meta = json.loads((run / "checkpoints" / "step_00000002" / "meta.json").read_text())
     assert meta["format"] == "mmfm-dcp" and meta["layout"]["pp"] == 2
+    # Export, upcycling and analysis read a pipeline checkpoint's full weights on one process.
+    from mmfm.convert.cli import load_model_dir
+
+    _, model = load_model_dir(run)
+    assert sum(1 for _ in model.moe_layers()) == 2
 
     resumed_args = tiny_overrides(text_data, tmp_path, **common, **{"run.name": "flat"})
     ckpt = str(run / "checkpoints" / "step_00000002")

@@ -26,6 +26,9 @@ class LossOutput:
     aux_loss: Tensor  # MoE auxiliary losses, coefficient-weighted (scalar)
     num_targets: int  # positions that carried a target, to weight evaluation means
     metrics: dict[str, float] = field(default_factory=dict)  # extra per-batch scalars
+    # (B, T) detached per-token losses, 0 where ignored: per-source validation losses
+    # (mmfm.metrics.sources.SourceLosses); None when the model did not return them.
+    token_loss_BT: Tensor | None = None
 
 
 class StatefulLoader(Protocol):
@@ -73,7 +76,7 @@ class TextTask:
         doc_ids = batch.doc_ids if self.cfg.data.document_mask else None
         out = model(batch.input_ids, doc_ids, labels_BT=batch.labels)
         num_targets = int((batch.labels != IGNORE_INDEX).sum())
-        return LossOutput(out.lm_loss, out.aux_loss, num_targets)
+        return LossOutput(out.lm_loss, out.aux_loss, num_targets, token_loss_BT=out.token_loss_BT)
 
 
 def _multimodal_task(cfg) -> Task:

@@ -144,6 +144,13 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         show = cfg.metrics.console if show_progress is None else show_progress
         self.show_progress = show and self.is_main_process
+        self.resumed = checkpoint is not None
+        self._routing_batch = None
+        if cfg.metrics.routing_trace_every and self.is_main_process and self.dims.pp == 1:
+            from mmfm.report.capture import routing_sample_batch
+
+            self._routing_batch = routing_sample_batch(self.task.eval_batches(),
+                                                       cfg.metrics.routing_trace_tokens)
 
     @property
     def is_main_process(self) -> bool:
@@ -268,10 +275,13 @@ class Trainer:
                     record.update(self._perf(interval.take()))
                     record.update(self._moe_metrics())
                     logger.log(self.step, {**record, **self._progress_fields()})
+                if self._routing_batch is not None and \
+                        self.step % self.cfg.metrics.routing_trace_every == 0:
+                    self._record_routing()
                 if self.step % tcfg.eval_every == 0 or self.step == tcfg.steps:
-                    val_loss = self.evaluate()
-                    logger.log(self.step, {"val/loss": val_loss,
-                                           "val/ppl": float(torch.tensor(val_loss).exp()),
+                    val = self.evaluate_by_source()
+                    val_loss = val["val/loss"]
+                    logger.log(self.step, {**val, "val/ppl": float(torch.tensor(val_loss).exp()),
                                            **self._progress_fields()})
                 if self.step % tcfg.ckpt_every == 0 or self.step == tcfg.steps:
                     ckpt_path = self.save()
@@ -299,7 +309,8 @@ class Trainer:
         LR schedule and the aux-loss-free bias update; statistics reduced over the ranks."""
         tcfg = self.cfg.train
         self.pm.train()
-        mine = [next(batches) for _ in range(tcfg.grad_accum)]
+        mine = [next(batches).to(self.dims.device, non_blocking=True)
+                for _ in range(tcfg.grad_accum)]
         lm, aux, task_metrics = forward_backward(self.pm, mine, self.task,
                                                  lambda: autocast_context(tcfg.precision))
         grad_norm = self.pm.step(self.optimizer, tcfg.grad_clip)
@@ -340,24 +351,42 @@ class Trainer:
             mine = {k: v for part in parts for k, v in part.items()}
         return {**mine, **moe_summaries(mine)}
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Token-weighted mean LM loss over the eval batches; every rank evaluates them all
-        (expert and tensor parallelism need every rank in each forward)."""
+        """Token-weighted mean LM loss over the eval batches."""
+        return self.evaluate_by_source()["val/loss"]
+
+    @torch.no_grad()
+    def evaluate_by_source(self) -> dict[str, float]:
+        """`val/loss` (token-weighted mean LM loss over the eval batches) and
+        `val/loss/<source>` for each data source the batches name; every rank evaluates them
+        all (expert and tensor parallelism need every rank in each forward)."""
+        from mmfm.metrics.sources import SourceLosses
+
         self.pm.train(False)
         total, count = 0.0, 0
+        by_source = SourceLosses()
         for batch in self.task.eval_batches():
+            batch = batch.to(self.dims.device, non_blocking=True)
             with autocast_context(self.cfg.train.precision):
                 if self.dims.pp > 1:
                     loss, n = pipeline_eval_loss(self.pm, batch, self.cfg.data.document_mask)
                 else:
                     out = self.task.loss(self.pm.module, batch)
                     loss, n = float(out.lm_loss), out.num_targets
+                    by_source.add_batch(batch, out.token_loss_BT)
             total += loss * n
             count += n
         if count == 0:
             raise UserValueError(f"data.val_shards={self.cfg.data.val_shards} yielded no tokens")
-        return total / count
+        return {"val/loss": total / count, **by_source.metrics()}
+
+    def _record_routing(self) -> None:
+        """Routing of the fixed sample batch at this step, into RUN/routing/train/."""
+        from mmfm.report.capture import TRAIN_SAMPLES, record_routing, records_path
+
+        record_routing(self.model, self._routing_batch.to(self.dims.device), self.step,
+                       records_path(self.run_dir, TRAIN_SAMPLES, self.step),
+                       document_mask=self.cfg.data.document_mask)
 
     def _build_logger(self) -> MetricsLogger:
         if not self.is_main_process:
@@ -367,7 +396,8 @@ class Trainer:
             sinks.append(ConsoleSink(self.cfg.train.steps, self.step))
         if self.cfg.metrics.wandb:
             sinks.append(WandbSink(self.cfg.metrics.wandb_project, self.cfg.run.name, self.run_dir,
-                                   self.cfg.metrics.wandb_mode, self.cfg.to_dict()))
+                                   self.cfg.metrics.wandb_mode, self.cfg.to_dict(),
+                                   resume=self.resumed))
         return MetricsLogger(sinks)
 
 
