@@ -23,8 +23,8 @@ from mmfm.model.layers import (
     SwiGLU,
     document_causal_mask,
     output_std,
-    rope_cos_sin,
 )
+from mmfm.model.rope import depends_on_length, rope_cos_sin
 from mmfm.moe import MoELayer
 
 
@@ -45,7 +45,8 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, qk_norm=cfg.qk_norm,
+                              qkv_bias=cfg.qkv_bias, norm_eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.moe is not None and cfg.moe.is_moe_layer(layer_idx)
         if self.is_moe:
@@ -78,7 +79,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_cos_sin(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_cos_sin(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         # Not persistent: derived from the config, so checkpoints stay portable.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -113,7 +114,7 @@ class Decoder(nn.Module):
         T = input_ids_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise UserValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self._rope_tables(T)
         mask = _attention_mask(doc_ids_BT)
         h_BTD = self.embed(input_ids_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
         aux = h_BTD.new_zeros((), dtype=torch.float32)
@@ -132,6 +133,15 @@ class Decoder(nn.Module):
         num_targets = (labels_BT != IGNORE_INDEX).sum().clamp(min=1)
         return DecoderOutput(logits_BTV, aux, token_loss_BT.sum() / num_targets,
                              token_loss_BT.detach())
+
+    def _rope_tables(self, T: int) -> tuple[Tensor, Tensor]:
+        """(T, Dh) cos and sin: a slice of the cached table, or for dynamic NTK scaling (whose
+        frequencies depend on the sequence length) a table built for this T."""
+        if depends_on_length(self.cfg.rope_scaling):
+            cos, sin = rope_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta,
+                                    self.cfg.rope_scaling, device=self.rope_cos.device)
+            return cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
+        return self.rope_cos[:T], self.rope_sin[:T]
 
     def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:
         """(layer index, MoE layer) for every MoE block, for metrics and bias updates."""
