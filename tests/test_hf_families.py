@@ -226,3 +226,24 @@ def test_import_refuses_what_mmfm_cannot_express(model_type, extra, field):
     hf_cfg = AutoConfig.for_model(model_type, **(BASE | base | extra))
     with pytest.raises(ValueError, match=rf"config\.{field}="):
         from_hf_config(hf_cfg)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16,
+     "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "linear", "factor": 2.0},
+])
+def test_import_of_rope_scaled_models_built_by_transformers(model_type, rope):
+    """Models that transformers itself builds with scaled RoPE (not ours exported), read at a
+    length past the original one."""
+    max_pos = 16 if rope["rope_type"] == "dynamic" else 64
+    hf = _hf_model(model_type, max_position_embeddings=max_pos,
+                   rope_parameters={"rope_theta": 10000.0, **rope})
+    ids = torch.randint(0, V, (1, 48), generator=torch.Generator().manual_seed(5))
+    cfg, model = import_hf(hf, max_seq_len=64)
+    assert cfg.rope_scaling.type == rope["rope_type"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, **TOL)
