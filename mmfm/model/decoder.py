@@ -135,19 +135,24 @@ class Decoder(nn.Module):
                              token_loss_BT.detach())
 
     def _rope_tables(self, T: int) -> tuple[Tensor, Tensor]:
-        """(T, Dh) cos and sin: a slice of the cached table, or for dynamic NTK scaling (whose
-        frequencies depend on the sequence length) a table built for this T."""
-        if depends_on_length(self.cfg.rope_scaling):
-            cos, sin = rope_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta,
-                                    self.cfg.rope_scaling, device=self.rope_cos.device)
-            return cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
-        return self.rope_cos[:T], self.rope_sin[:T]
+        return rope_tables(self.cfg, self.rope_cos, self.rope_sin, T)
 
     def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:
         """(layer index, MoE layer) for every MoE block, for metrics and bias updates."""
         for block in self.blocks:
             if block.is_moe:
                 yield block.layer_idx, block.ffn
+
+
+def rope_tables(cfg, cos_cache: Tensor, sin_cache: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    """(T, Dh) cos and sin: a slice of the cached tables, or for dynamic NTK scaling (whose
+    frequencies depend on the sequence length) tables built for this T. Pipeline stages share
+    it, so every layout rotates alike."""
+    if depends_on_length(cfg.rope_scaling):
+        cos, sin = rope_cos_sin(T, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                device=cos_cache.device)
+        return cos.to(cos_cache.dtype), sin.to(sin_cache.dtype)
+    return cos_cache[:T], sin_cache[:T]
 
 
 def _attention_mask(doc_ids_BT: Tensor | None) -> Tensor | None:
