@@ -61,7 +61,7 @@ def _shrink(data: dict[str, Path], run_dir: Path, name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", [f"{r}_{kind}_tiny" for r in RECIPES for kind in ("moe", "dense")])
-def test_preset_trains(name, text_data, tmp_path):
+def test_preset_trains(name, text_data, tmp_path, capsys):
     cfg = _load(name, _shrink(text_data, tmp_path, name))
     trainer = Trainer(cfg)
     result = trainer.fit()
@@ -70,3 +70,35 @@ def test_preset_trains(name, text_data, tmp_path):
     if cfg.model.moe is not None and cfg.model.moe.bias_update_rate > 0:
         # aux-loss-free balancing ran: the selection bias moved off zero
         assert any(bool(layer.router.expert_bias.any()) for _, layer in trainer.model.moe_layers())
+    if name.endswith("_moe_tiny"):
+        _export_and_reimport(name, tmp_path / name, tmp_path, trainer.model, capsys)
+
+
+def _export_and_reimport(name: str, run_dir: Path, tmp_path: Path, trained, capsys) -> None:
+    """`mmfm export hf` on the trained run: the class the recipe maps to, equal logits through
+    transformers and back through `mmfm import hf`; or one error line naming the field."""
+    import torch
+
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from mmfm.cli import main
+    from mmfm.convert.cli import load_model_dir
+
+    code = main(["export", "hf", str(run_dir), str(tmp_path / "hf"), "--no-tokenizer"])
+    if RECIPES[name.removesuffix("_moe_tiny")] == "capacity_factor":
+        assert code == 2
+        assert "model.moe.capacity_factor=1.25 cannot be exported" in capsys.readouterr().err
+        return
+    assert code == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True,
+                                              trust_remote_code=False).eval()
+    assert hf.config.model_type == RECIPES[name.removesuffix("_moe_tiny")]
+    assert main(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    _, back = load_model_dir(tmp_path / "back")
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    trained.eval()
+    with torch.no_grad():
+        ref = trained(ids).logits
+        torch.testing.assert_close(hf(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back.eval()(ids).logits, ref, rtol=1e-5, atol=1e-5)

@@ -102,11 +102,12 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from mmfm.convert.hf import export_hf
+    from mmfm.convert.hf_families import CLASS_NAMES, export_family
 
     cfg, model = load_model_dir(args.checkpoint)
     tokenizer = None if args.no_tokenizer else (args.tokenizer or _run_tokenizer(cfg))
     out = export_hf(model, cfg.model, args.out, tokenizer_path=tokenizer)
-    print(f"wrote {out} ({'Mixtral' if cfg.model.moe else 'Llama'}"
+    print(f"wrote {out} ({CLASS_NAMES[export_family(cfg.model)]}"
           f"{', with tokenizer' if tokenizer else ''})")
     return 0
 
