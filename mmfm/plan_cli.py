@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--params", type=float, help="parameter count N (Approach 1 gives C, D)")
     budget.add_argument("--tokens", type=float, help="token count D (Approach 1 gives C, N)")
     p.add_argument("--moe", metavar="E,k,G", help="experts, top-k and granularity (dense FFN "
-                   "width / expert width) for the fine-grained MoE law")
+                   "width / expert width) for the fine-grained MoE law; with --preset also "
+                   "applied to the preset (num_experts, top_k, expert_hidden = ffn_hidden / G)")
     p.add_argument("--preset", type=Path, help="a config YAML: its FLOPs/token and the tokens "
                    "the budget buys at its size")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization (default 0.4)")
@@ -67,9 +68,10 @@ def plan_lines(args: argparse.Namespace) -> list[str]:
     flops = plans["approach1"].flops
     lines = [_allocation_line("Chinchilla approach 1 (Table 3 power law)", plans["approach1"]),
              _allocation_line("Chinchilla approach 3 (parametric loss optimum)", plans["approach3"])]
-    target = plans["approach1"]
+    target, moe_shape = plans["approach1"], None
     if args.moe:
         experts, top_k, granularity = parse_moe(args.moe)
+        moe_shape = (experts, top_k, granularity)
         target = plan_moe(flops, granularity)
         lines.append(_allocation_line(
             f"fine-grained MoE (Krajewski et al. 2024, E={experts}, k={top_k}, G={granularity:g}; "
@@ -78,7 +80,7 @@ def plan_lines(args: argparse.Namespace) -> list[str]:
     lines.append(f"wall-clock: {hours:.3g} h at MFU {args.mfu:g} on {args.devices} device(s) "
                  f"of {_fmt(args.peak_flops)} FLOP/s")
     if args.preset is not None:
-        cfg = load_config(args.preset)
+        cfg = _with_moe_shape(load_config(args.preset), moe_shape)
         lines += _preset_lines(cfg, flops)
         if args.write_preset is not None:
             written = write_sized_preset(cfg, target.params, target.tokens, args.write_preset)
@@ -86,6 +88,20 @@ def plan_lines(args: argparse.Namespace) -> list[str]:
     elif args.write_preset is not None:
         raise UserValueError("--write-preset needs --preset (the recipe to rescale)")
     return lines
+
+
+def _with_moe_shape(cfg: ExperimentConfig, shape: tuple[int, int, float] | None):
+    """The preset with `--moe E,k,G` applied: E experts, top-k, expert width = ffn_hidden / G."""
+    if shape is None:
+        return cfg
+    if cfg.model.moe is None:
+        raise UserValueError("--moe with a dense --preset: pick an MoE preset (model.moe set)")
+    experts, top_k, granularity = shape
+    moe = dataclasses.replace(cfg.model.moe, num_experts=experts, top_k=top_k,
+                              expert_hidden=max(1, round(cfg.model.ffn_hidden / granularity)))
+    out = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
+    out.validate()
+    return out
 
 
 def _describe(cfg: ExperimentConfig) -> str:

@@ -98,7 +98,23 @@ def test_cli_reports_preset_flops_and_writes_a_sized_preset(tmp_path):
     assert abs(math.log(active / target.params)) < 0.5  # nearest width in steps of one head
     tokens = sized.train.steps * sized.train.micro_batch_size * sized.data.seq_len
     assert tokens == pytest.approx(target.tokens, rel=0.01)
-    assert sized.model.moe.num_experts == 64 and sized.model.qk_norm == "full"
+    assert (sized.model.moe.num_experts, sized.model.moe.top_k) == (64, 8)
+    assert sized.model.moe.expert_hidden == round(sized.model.ffn_hidden / 8)
+    assert sized.model.qk_norm == "full"
+
+
+def test_moe_shape_is_applied_to_the_preset():
+    lines = plan_lines(_args("--flops", "1e17", "--moe", "16,2,4", "--preset",
+                             str(CONFIGS / "mixtral_moe_tiny.yaml")))
+    import dataclasses
+
+    base = load_config(CONFIGS / "mixtral_moe_tiny.yaml").model
+    shaped = dataclasses.replace(base, moe=dataclasses.replace(
+        base.moe, num_experts=16, top_k=2, expert_hidden=base.ffn_hidden // 4))
+    assert f"{count_params(shaped).total:.3g} total" in lines[-1]
+    with pytest.raises(UserValueError, match="dense --preset"):
+        plan_lines(_args("--flops", "1e17", "--moe", "16,2,4", "--preset",
+                         str(CONFIGS / "mixtral_dense_tiny.yaml")))
 
 
 def test_write_preset_needs_a_preset(tmp_path):
