@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from mmfm.errors import UserValueError
-from mmfm.metrics.position import bucket_sums, loss_by_position, position_buckets
+from mmfm.metrics.position import (
+    bucket_metrics,
+    bucket_sums,
+    loss_by_position,
+    position_buckets,
+)
 
 
 def test_buckets_cover_every_position_once():
@@ -38,3 +43,4 @@ def test_sums_over_batches_equal_one_pass():
     s, c = bucket_sums(loss_BT, mask_BT, 3)
     torch.testing.assert_close(s1 + s2, s)
     torch.testing.assert_close(c1 + c2, c)
+    assert bucket_metrics(s1 + s2, c1 + c2, 12) == loss_by_position(loss_BT, mask_BT, 3)

@@ -37,11 +37,17 @@ def bucket_sums(token_loss_BT: Tensor, mask_BT: Tensor, num_buckets: int) -> tup
     return sums.index_add_(0, bucket_T, loss_T), counts.index_add_(0, bucket_T, count_T)
 
 
+def bucket_metrics(sums: Tensor, counts: Tensor, seq_len: int,
+                   prefix: str = "eval/loss_pos") -> dict[str, float]:
+    """{"{prefix}_{start}-{end}": mean loss} from summed `bucket_sums` outputs (over batches
+    and ranks); buckets with no target are left out."""
+    ranges = position_buckets(seq_len, len(sums))
+    return {f"{prefix}_{lo}-{hi}": float(s / c)
+            for (lo, hi), s, c in zip(ranges, sums, counts, strict=True) if c > 0}
+
+
 def loss_by_position(token_loss_BT: Tensor, mask_BT: Tensor,
                      num_buckets: int = 4) -> dict[str, float]:
-    """{"eval/loss_pos_{start}-{end}": mean loss of the targets in that position range};
-    buckets with no target are left out."""
+    """Per-bucket mean losses of one batch (see `bucket_metrics` for the names)."""
     sums, counts = bucket_sums(token_loss_BT, mask_BT, num_buckets)
-    ranges = position_buckets(token_loss_BT.shape[1], num_buckets)
-    return {f"eval/loss_pos_{lo}-{hi}": float(s / c)
-            for (lo, hi), s, c in zip(ranges, sums, counts, strict=True) if c > 0}
+    return bucket_metrics(sums, counts, token_loss_BT.shape[1])
