@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.report.cli import register as register_report
 
     register_report(sub)
+    from mmfm.plan_cli import register as register_plan
+
+    register_plan(sub)
     return parser
 
 

@@ -17,6 +17,8 @@ import yaml
 
 from mmfm.encoders.config import MultimodalConfig
 from mmfm.errors import UserValueError
+from mmfm.model.layers import QK_NORMS
+from mmfm.model.rope import RopeScalingConfig
 from mmfm.moe.config import MoEConfig
 from mmfm.parallel.config import ParallelConfig
 from mmfm.yaml_config import merge_structured, read_yaml_mapping
@@ -49,6 +51,12 @@ class ModelConfig:
     # Fuse the LM head with the loss (mmfm/model/fused_loss.py): no (B, T, V) logits in
     # training, about 1.3-1.6x faster head+loss on CPU. False: plain head, then cross entropy.
     fused_loss: bool = True
+    # QK-norm (RMSNorm on queries and keys before RoPE, for stability): none; head = per head
+    # over Dh (Qwen3); full = over the whole q/k projection (OLMoE, OLMo-2).
+    qk_norm: str = "none"
+    qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2; kept for import)
+    # Longer contexts than trained at: linear, dynamic (NTK), yarn, llama3 (mmfm/model/rope.py).
+    rope_scaling: RopeScalingConfig | None = None
     moe: MoEConfig | None = field(default_factory=lambda: MoEConfig(expert_hidden=256))
 
     @property
@@ -71,6 +79,13 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"{path}: head_dim={self.head_dim} must be even for RoPE")
+        if self.qk_norm not in QK_NORMS:
+            raise ConfigError(f"{path}.qk_norm={self.qk_norm!r} is not one of {', '.join(QK_NORMS)}")
+        if self.rope_scaling is not None:
+            try:
+                self.rope_scaling.validate(f"{path}.rope_scaling")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if self.moe is not None:
             try:
                 self.moe.validate(f"{path}.moe")

@@ -33,6 +33,8 @@ class MoEConfig:
     expert_hidden: int | None = None
     num_shared_experts: int = 0
     shared_expert_hidden: int | None = None
+    # Qwen2-MoE: scale the shared experts' output by sigmoid(x·w_g), a learned per-token gate.
+    shared_expert_gate: bool = False
     # Which layers are MoE: layer i is MoE when i >= first_dense and (i - first_dense) % every == 0.
     every: int = 1
     first_dense: int = 0
@@ -68,6 +70,8 @@ class MoEConfig:
                 _positive(f"{path}.{name}", value)
         if self.num_shared_experts < 0:
             raise UserValueError(f"{path}.num_shared_experts={self.num_shared_experts} must be >= 0")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise UserValueError(f"{path}.shared_expert_gate=true needs {path}.num_shared_experts > 0")
         _positive(f"{path}.every", self.every)
         if self.first_dense < 0:
             raise UserValueError(f"{path}.first_dense={self.first_dense} must be >= 0")

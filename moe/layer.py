@@ -54,9 +54,12 @@ class MoELayer(nn.Module):
         num_local = E if ep_group is None else self.dispatcher.num_local
         self.experts = Experts(num_local, d_model, hidden, cfg.backend, first_expert=first)
         self.shared_experts = None
+        self.shared_gate = None
         if cfg.num_shared_experts:
             shared_hidden = cfg.shared_expert_hidden or hidden
             self.shared_experts = SharedExperts(d_model, cfg.num_shared_experts * shared_hidden)
+        if cfg.shared_expert_gate:
+            self.shared_gate = nn.Linear(d_model, 1, bias=False)
         self.load = LoadMonitor(E)
         self.reset_parameters()
 
@@ -67,6 +70,8 @@ class MoELayer(nn.Module):
         self.experts.reset_parameters(self.init_std, out_std)
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters(self.init_std, out_std)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=self.init_std)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, S, D) -> (y (B, S, D), aux loss scalar fp32)."""
@@ -78,10 +83,17 @@ class MoELayer(nn.Module):
         y_RD = self.experts(x_RD, counts_L)
         y_TD = self.dispatcher.combine(y_RD, r.topk_weight_TK, state, B * S)
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            y_TD = y_TD + self._shared(x_TD)
         aux, losses = self._aux_losses(r, B)
         self._monitor(r, keep_TK, losses, B, S)
         return y_TD.view(B, S, D), aux
+
+    def _shared(self, x_TD: Tensor) -> Tensor:
+        """Shared-expert output, times Qwen2-MoE's sigmoid gate (T, 1) when configured."""
+        out_TD = self.shared_experts(x_TD)
+        if self.shared_gate is None:
+            return out_TD
+        return torch.sigmoid(self.shared_gate(x_TD)) * out_TD
 
     def _capacity_keep(self, r: RouterOutput) -> Tensor | None:
         if self.cfg.capacity_factor is None:

@@ -29,6 +29,7 @@ CONFIG = str(ROOT / "configs" / "text_moe_tiny.yaml")  # 8 heads, 4 kv heads, 8 
 @pytest.mark.parametrize("overrides, message", [
     (["parallel.tp=3"], "parallel.tp=3 does not divide model.n_heads=8"),
     (["parallel.tp=8"], "parallel.tp=8 does not divide model.n_kv_heads=4"),
+    (["parallel.tp=2", "model.qk_norm=full"], "parallel.tp=2 cannot shard model.qk_norm=full"),
     (["parallel.ep=4", "model.moe.num_experts=6"],
      "parallel.ep=4 does not divide model.moe.num_experts=6"),
     (["parallel.ep=2", "model.moe=null"], "parallel.ep=2 needs an MoE model, but model.moe is null"),

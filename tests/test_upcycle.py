@@ -74,6 +74,7 @@ def test_noise_breaks_symmetry_deterministically(dense, ids):
     ({"num_shared_experts": 1}, {}, r"model\.moe\.num_shared_experts=1"),
     ({}, {"d_model": 64}, r"model\.d_model=64"),
     ({}, {"n_layers": 2}, r"model\.n_layers=2"),
+    ({}, {"qk_norm": "head"}, r"model\.qk_norm=head"),
 ])
 def test_bad_upcycle_targets_name_the_field(dense, moe, cfg_change, field):
     cfg = dataclasses.replace(_moe_cfg(**moe), **cfg_change)

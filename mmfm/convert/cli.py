@@ -37,12 +37,16 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
         description="Export an mmfm checkpoint to another ecosystem's format.")
     sub = export.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
     p = sub.add_parser(
-        "hf", help="to a Hugging Face transformers directory (Mixtral or Llama)",
+        "hf", help="to a Hugging Face transformers directory (the class that holds the model)",
         description="Write a directory that transformers' AutoModelForCausalLM.from_pretrained "
-                    "loads offline: MixtralForCausalLM for MoE models (every layer MoE, softmax "
-                    "top-k>=2 renormalized routing, no shared experts, dropless), "
-                    "LlamaForCausalLM for dense ones. Anything else is refused with the field "
-                    "that Mixtral cannot express. The run's tokenizer is written beside it.")
+                    "loads offline (trust_remote_code=False), in the class that holds the "
+                    "model: Llama, Qwen2 (q/k/v bias) or Qwen3 (QK-norm) for dense models; "
+                    "Mixtral (softmax, renormalized top-k>=2), OLMoE (QK-norm over the whole "
+                    "projection), Qwen3-MoE (per-head QK-norm), Qwen2-MoE (gated shared "
+                    "expert) or Glm4Moe (DeepSeek-V3-style sigmoid routing with selection "
+                    "bias, shared experts, dense first layers, group-limited top-k) for MoE. "
+                    "Anything no class can express is refused naming the field. The run's "
+                    "tokenizer is written beside it.")
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR",
                    help="a checkpoint folder (step_*), a run directory (its newest checkpoint) "
                         "or a model directory from `mmfm import hf` / `mmfm upcycle`")
@@ -60,9 +64,12 @@ def _add_import(subparsers: argparse._SubParsersAction) -> None:
         description="Import a model from another ecosystem's format into an mmfm model dir.")
     sub = imp.add_subparsers(dest="import_format", required=True, metavar="FORMAT")
     p = sub.add_parser(
-        "hf", help="from a Hugging Face Mixtral or Llama directory",
-        description="Read a transformers Mixtral or Llama directory (from_pretrained, offline "
-                    "if cached) and write OUT_DIR/model.safetensors, config.yaml and meta.json.")
+        "hf", help="from a Hugging Face directory (Llama, Qwen2/3, Mixtral, OLMoE, Qwen-MoE, ...)",
+        description="Read a transformers Llama, Qwen2, Qwen3, Mixtral, OLMoE, Qwen2-MoE, "
+                    "Qwen3-MoE or Glm4Moe directory (from_pretrained, offline if cached, "
+                    "trust_remote_code=False; RoPE scaling linear/dynamic/yarn/llama3 is kept) "
+                    "and write OUT_DIR/model.safetensors, config.yaml and meta.json. A field "
+                    "mmfm cannot express is refused by name.")
     p.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="transformers model directory")
     p.add_argument("out", type=Path, metavar="OUT_DIR", help="output model directory")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -95,11 +102,12 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from mmfm.convert.hf import export_hf
+    from mmfm.convert.hf_families import CLASS_NAMES, export_family
 
     cfg, model = load_model_dir(args.checkpoint)
     tokenizer = None if args.no_tokenizer else (args.tokenizer or _run_tokenizer(cfg))
     out = export_hf(model, cfg.model, args.out, tokenizer_path=tokenizer)
-    print(f"wrote {out} ({'Mixtral' if cfg.model.moe else 'Llama'}"
+    print(f"wrote {out} ({CLASS_NAMES[export_family(cfg.model)]}"
           f"{', with tokenizer' if tokenizer else ''})")
     return 0
 

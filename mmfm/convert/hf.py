@@ -1,180 +1,94 @@
-"""Convert mmfm text models to and from Hugging Face transformers (Mixtral and Llama).
+"""Convert mmfm text models to and from Hugging Face transformers.
 
-An MoE model maps to `MixtralForCausalLM` when Mixtral can express it (every layer MoE,
-softmax router with the chosen k >= 2 scores renormalized, no shared experts, dropless); a
-dense model (`moe: null`) maps to `LlamaForCausalLM`. Anything else raises `ValueError` naming
-the field, before any weight is touched.
+`mmfm.convert.hf_families` picks the transformers class that holds a model (Llama, Qwen2,
+Qwen3, Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Glm4Moe for DeepSeek-V3-style routing) and maps the
+configs; anything no class can express raises `UserValueError` naming the field, before any
+weight is touched. This module maps the weights and writes/reads directories.
 
 Weights (shape legend: E experts, D model width, I expert hidden, F dense FFN hidden):
 
     mmfm                                    transformers 5 (in-memory state dict)
     embed.weight                            model.embed_tokens.weight
     blocks.i.attn.wq|wk|wv|wo.weight        model.layers.i.self_attn.q|k|v|o_proj.weight
+    blocks.i.attn.wq|wk|wv.bias (qkv_bias)  model.layers.i.self_attn.q|k|v_proj.bias
+    blocks.i.attn.q_norm|k_norm.weight      model.layers.i.self_attn.q_norm|k_norm.weight
     blocks.i.attn_norm.weight               model.layers.i.input_layernorm.weight
     blocks.i.ffn_norm.weight                model.layers.i.post_attention_layernorm.weight
     blocks.i.ffn.router.weight (E, D)       model.layers.i.mlp.gate.weight (E, D)
+    blocks.i.ffn.router.expert_bias (E)     model.layers.i.mlp.gate.e_score_correction_bias (Glm4Moe)
     blocks.i.ffn.experts.w1 (E, D, I)  ─┐   model.layers.i.mlp.experts.gate_up_proj (E, 2I, D):
     blocks.i.ffn.experts.w3 (E, D, I)  ─┘     rows [:I] = w1ᵀ (gate), rows [I:] = w3ᵀ (up)
     blocks.i.ffn.experts.w2 (E, I, D)       model.layers.i.mlp.experts.down_proj (E, D, I) = w2ᵀ
+    blocks.i.ffn.shared_experts.w1|w3|w2    model.layers.i.mlp.shared_expert.gate|up|down_proj
+                                              (Qwen2-MoE; Glm4Moe: mlp.shared_experts.*)
+    blocks.i.ffn.shared_gate.weight (1, D)  model.layers.i.mlp.shared_expert_gate.weight (Qwen2-MoE)
     blocks.i.ffn.w1|w3|w2.weight (dense)    model.layers.i.mlp.gate_proj|up_proj|down_proj.weight
     norm.weight, lm_head.weight             model.norm.weight, lm_head.weight
 
 Both sides use the rotate-half RoPE layout, so q/k projections copy unpermuted. We always go
 through an in-memory transformers model: `save_pretrained` writes the Hub's per-expert layout
-(`block_sparse_moe.experts.j.w1|w2|w3`) and `from_pretrained` fuses it back, so the files on disk
-are what Mixtral checkpoints on the Hub look like.
-
-Load-balancing coefficient. Per layer, transformers' `load_balancing_loss_func` is K times
-mmfm's Switch loss (it normalizes expert counts by tokens, mmfm by tokens × K). mmfm sums
-`aux_loss_coef × loss` over the L layers; transformers computes one loss over all layers'
-router logits pooled (a mean, not a sum). We export
-`router_aux_loss_coef = aux_loss_coef × L / K`, which gives equal values under uniform routing
-and equal gradients whenever the layers' loads agree; import inverts it. Mixtral has no router
-z-loss or sequence-level loss: export drops them (training-only), import sets them to 0.
+and `from_pretrained` fuses it back, so the files on disk are what checkpoints of that family on
+the Hub look like. `trust_remote_code` is never set: only classes shipped in transformers load.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from mmfm.config import ModelConfig
+from mmfm.convert.hf_families import (  # noqa: F401  (re-exported: the public conversion API)
+    check_exportable,
+    check_importable,
+    check_mixtral_compatible,
+    export_family,
+    from_hf_config,
+    to_hf_config,
+)
 from mmfm.errors import UserValueError
 from mmfm.model import Decoder
-from mmfm.moe import MoEConfig
 
 _ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 _NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 _DENSE = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-
-
-# ---------------------------------------------------------------- configs: mmfm -> HF
-
-
-def check_mixtral_compatible(moe: MoEConfig, path: str = "model.moe") -> None:
-    """Raise ValueError naming the first MoE field whose value Mixtral cannot express."""
-    rules = [
-        ("score_func", moe.score_func == "softmax", "Mixtral routes with softmax scores"),
-        ("renormalize", moe.renormalize, "Mixtral renormalizes the chosen k scores"),
-        ("top_k", moe.top_k >= 2, "with top_k=1 mmfm scales the expert output by its router "
-                                  "probability (Switch) while Mixtral renormalizes it to 1"),
-        ("num_shared_experts", moe.num_shared_experts == 0, "Mixtral has no shared experts"),
-        ("first_dense", moe.first_dense == 0, "every Mixtral layer is MoE"),
-        ("every", moe.every == 1, "every Mixtral layer is MoE"),
-        ("num_groups", moe.num_groups is None, "Mixtral has no group-limited routing"),
-        ("capacity_factor", moe.capacity_factor is None, "Mixtral is dropless (use null)"),
-        ("force_uniform", not moe.force_uniform, "Mixtral routes by its router"),
-        ("bias_update_rate", moe.bias_update_rate == 0,
-         "Mixtral has no aux-loss-free selection bias"),
-    ]
-    for name, ok, why in rules:
-        if not ok:
-            raise UserValueError(
-                f"{path}.{name}={getattr(moe, name)!r} cannot be exported to Mixtral: {why}")
-
-
-def _common_hf_kwargs(cfg: ModelConfig) -> dict[str, Any]:
-    """Fields Llama and Mixtral share."""
-    return dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps, initializer_range=cfg.init_std,
-        tie_word_embeddings=cfg.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-
-
-def to_hf_config(model_cfg: ModelConfig):
-    """The transformers config of the same architecture: `MixtralConfig` for an MoE model,
-    `LlamaConfig` for a dense one. Raises ValueError naming a field Mixtral cannot express."""
-    from transformers import LlamaConfig, MixtralConfig
-
-    model_cfg.validate()
-    kwargs = _common_hf_kwargs(model_cfg)
-    moe = model_cfg.moe
-    if moe is None:
-        return LlamaConfig(intermediate_size=model_cfg.ffn_hidden, attention_bias=False,
-                           mlp_bias=False, **kwargs)
-    check_mixtral_compatible(moe)
-    return MixtralConfig(
-        intermediate_size=moe.expert_hidden or model_cfg.ffn_hidden,
-        num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
-        router_aux_loss_coef=moe.aux_loss_coef * model_cfg.n_layers / moe.top_k,
-        router_jitter_noise=moe.router_jitter, sliding_window=None, **kwargs)
-
-
-# ---------------------------------------------------------------- configs: HF -> mmfm
-
-
-def _hf_field(hf_cfg, name: str, default: Any = None) -> Any:
-    return getattr(hf_cfg, name, default)
-
-
-def _check_hf_expressible(hf_cfg) -> None:
-    """Raise ValueError naming the first transformers config field mmfm cannot express."""
-    kind = hf_cfg.model_type
-    if kind not in ("mixtral", "llama"):
-        raise UserValueError(f"config.model_type={kind!r}: only mixtral and llama can be imported")
-    head_dim = _hf_field(hf_cfg, "head_dim") or hf_cfg.hidden_size // hf_cfg.num_attention_heads
-    rope = _hf_field(hf_cfg, "rope_parameters") or {}
-    rules = [
-        ("hidden_act", hf_cfg.hidden_act == "silu", "mmfm FFNs are SwiGLU (silu)"),
-        ("head_dim", head_dim * hf_cfg.num_attention_heads == hf_cfg.hidden_size,
-         "mmfm needs head_dim == hidden_size / num_attention_heads"),
-        ("rope_parameters", rope.get("rope_type", "default") == "default",
-         "mmfm implements only default (unscaled) RoPE"),
-        ("sliding_window", _hf_field(hf_cfg, "sliding_window") is None,
-         "mmfm has no sliding-window attention"),
-        ("attention_bias", not _hf_field(hf_cfg, "attention_bias", False),
-         "mmfm projections have no bias"),
-        ("mlp_bias", not _hf_field(hf_cfg, "mlp_bias", False), "mmfm projections have no bias"),
-    ]
-    for name, ok, why in rules:
-        if not ok:
-            raise UserValueError(
-                f"config.{name}={_hf_field(hf_cfg, name)!r} cannot be imported: {why}")
-
-
-def from_hf_config(hf_cfg, max_seq_len: int | None = None) -> ModelConfig:
-    """The mmfm `ModelConfig` of a Mixtral or Llama transformers config (see module doc for
-    the aux-loss coefficient mapping). `max_seq_len` overrides max_position_embeddings."""
-    _check_hf_expressible(hf_cfg)
-    moe = None
-    if hf_cfg.model_type == "mixtral":
-        K, L = hf_cfg.num_experts_per_tok, hf_cfg.num_hidden_layers
-        moe = MoEConfig(num_experts=hf_cfg.num_local_experts, top_k=K,
-                        expert_hidden=hf_cfg.intermediate_size, score_func="softmax",
-                        renormalize=True, aux_loss_coef=hf_cfg.router_aux_loss_coef * K / L,
-                        z_loss_coef=0.0, seq_aux_loss_coef=0.0,
-                        router_jitter=hf_cfg.router_jitter_noise)
-    rope = _hf_field(hf_cfg, "rope_parameters") or {}
-    cfg = ModelConfig(
-        vocab_size=hf_cfg.vocab_size, d_model=hf_cfg.hidden_size,
-        n_layers=hf_cfg.num_hidden_layers, n_heads=hf_cfg.num_attention_heads,
-        n_kv_heads=hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads,
-        ffn_hidden=hf_cfg.intermediate_size,
-        max_seq_len=max_seq_len or hf_cfg.max_position_embeddings,
-        rope_theta=float(rope.get("rope_theta", _hf_field(hf_cfg, "rope_theta", 10000.0))),
-        norm_eps=hf_cfg.rms_norm_eps, tie_embeddings=bool(hf_cfg.tie_word_embeddings),
-        init_std=hf_cfg.initializer_range, moe=moe)
-    cfg.validate()
-    return cfg
+# Optional per-layer tensors, present when the model has them: mmfm suffix -> HF suffix.
+_OPTIONAL = {
+    "attn.wq.bias": "self_attn.q_proj.bias", "attn.wk.bias": "self_attn.k_proj.bias",
+    "attn.wv.bias": "self_attn.v_proj.bias",
+    "attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight",
+    "ffn.shared_gate.weight": "mlp.shared_expert_gate.weight",
+    "ffn.router.expert_bias": "mlp.gate.e_score_correction_bias",
+}
+_SHARED_PREFIX = {"qwen2_moe": "mlp.shared_expert.", "glm4_moe": "mlp.shared_experts."}
 
 
 # ---------------------------------------------------------------- weights
 
 
-def _layer_to_hf(sd: dict[str, Tensor], i: int, is_moe: bool) -> dict[str, Tensor]:
+def _optional_names(sd: dict[str, Tensor], family: str, src: str, dst: str,
+                    to_hf: bool) -> dict[str, str]:
+    """{source key: destination key} of the optional per-layer tensors present in `sd`."""
+    pairs = dict(_OPTIONAL)
+    prefix = _SHARED_PREFIX.get(family)
+    if prefix is not None:
+        pairs.update({f"ffn.shared_experts.{m}.weight": f"{prefix}{h}.weight"
+                      for m, h in _DENSE.items()})
+    if family != "glm4_moe":  # only Glm4Moe holds a selection bias (export checks it is zero)
+        pairs.pop("ffn.router.expert_bias")
+    names = {f"{src}{m}": f"{dst}{h}" for m, h in pairs.items()} if to_hf else \
+        {f"{src}{h}": f"{dst}{m}" for m, h in pairs.items()}
+    return {k: v for k, v in names.items() if k in sd}
+
+
+def _layer_to_hf(sd: dict[str, Tensor], i: int, is_moe: bool, family: str) -> dict[str, Tensor]:
     """One decoder block's mmfm tensors under their transformers names."""
     src, dst = f"blocks.{i}.", f"model.layers.{i}."
     out = {f"{dst}self_attn.{h}.weight": sd[f"{src}attn.{m}.weight"] for m, h in _ATTN.items()}
     out.update({f"{dst}{h}.weight": sd[f"{src}{m}.weight"] for m, h in _NORMS.items()})
+    out.update({d: sd[s] for s, d in _optional_names(sd, family, src, dst, True).items()})
     if not is_moe:
         out.update({f"{dst}mlp.{h}.weight": sd[f"{src}ffn.{m}.weight"] for m, h in _DENSE.items()})
         return out
@@ -185,11 +99,12 @@ def _layer_to_hf(sd: dict[str, Tensor], i: int, is_moe: bool) -> dict[str, Tenso
     return out
 
 
-def _layer_from_hf(sd: dict[str, Tensor], i: int, is_moe: bool) -> dict[str, Tensor]:
+def _layer_from_hf(sd: dict[str, Tensor], i: int, is_moe: bool, family: str) -> dict[str, Tensor]:
     """One transformers layer's tensors under their mmfm names (inverse of `_layer_to_hf`)."""
     src, dst = f"model.layers.{i}.", f"blocks.{i}."
     out = {f"{dst}attn.{m}.weight": sd[f"{src}self_attn.{h}.weight"] for m, h in _ATTN.items()}
     out.update({f"{dst}{m}.weight": sd[f"{src}{h}.weight"] for m, h in _NORMS.items()})
+    out.update({d: sd[s] for s, d in _optional_names(sd, family, src, dst, False).items()})
     if not is_moe:
         out.update({f"{dst}ffn.{m}.weight": sd[f"{src}mlp.{h}.weight"] for m, h in _DENSE.items()})
         return out
@@ -202,33 +117,37 @@ def _layer_from_hf(sd: dict[str, Tensor], i: int, is_moe: bool) -> dict[str, Ten
     return out
 
 
-def to_hf_state_dict(model: Decoder) -> dict[str, Tensor]:
+def to_hf_state_dict(model: Decoder, family: str | None = None) -> dict[str, Tensor]:
     """The decoder's weights under transformers' in-memory names and layouts."""
+    family = family or export_family(model.cfg)
     sd = model.state_dict()
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
            "lm_head.weight": sd["lm_head.weight"]}
     for block in model.blocks:
-        out.update(_layer_to_hf(sd, block.layer_idx, block.is_moe))
+        out.update(_layer_to_hf(sd, block.layer_idx, block.is_moe, family))
     return out
 
 
-def from_hf_state_dict(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """A transformers Mixtral/Llama state dict under mmfm's names (tied lm_head omitted)."""
+def from_hf_state_dict(sd: dict[str, Tensor], cfg: ModelConfig,
+                       family: str) -> dict[str, Tensor]:
+    """A transformers state dict of `family` under mmfm's names (tied lm_head omitted)."""
     out = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(cfg.n_layers):
-        out.update(_layer_from_hf(sd, i, cfg.moe is not None and cfg.moe.is_moe_layer(i)))
+        out.update(_layer_from_hf(sd, i, cfg.moe is not None and cfg.moe.is_moe_layer(i), family))
     return out
 
 
-def _check_no_selection_bias(model: Decoder) -> None:
-    """A trained aux-loss-free bias changes which experts are chosen; Mixtral has none."""
+def _check_no_selection_bias(model: Decoder, family: str) -> None:
+    """A trained aux-loss-free bias changes which experts are chosen; only Glm4Moe holds one."""
+    if family == "glm4_moe":
+        return
     for idx, layer in model.moe_layers():
         if bool(layer.router.expert_bias.any()):
             raise UserValueError(
                 f"blocks.{idx}.ffn.router.expert_bias is nonzero (aux-loss-free balancing): "
-                "Mixtral selects experts without a bias, so the exported model would route "
+                f"{family} selects experts without a bias, so the exported model would route "
                 "differently")
 
 
@@ -236,16 +155,17 @@ def _check_no_selection_bias(model: Decoder) -> None:
 
 
 def build_hf_model(model: Decoder, model_cfg: ModelConfig):
-    """An in-memory transformers model (Mixtral or Llama) holding `model`'s weights."""
+    """An in-memory transformers model (family per `export_family`) holding `model`'s weights."""
     from transformers import AutoModelForCausalLM
 
     hf_cfg = to_hf_config(model_cfg)
-    _check_no_selection_bias(model)
+    family = hf_cfg.model_type
+    _check_no_selection_bias(model, family)
     dtype = model.embed.weight.dtype
     hf_cfg.dtype = dtype
     with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    state = {k: v.detach().clone() for k, v in to_hf_state_dict(model).items()}
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, trust_remote_code=False)
+    state = {k: v.detach().clone() for k, v in to_hf_state_dict(model, family).items()}
     if model_cfg.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     hf.load_state_dict(state, strict=True, assign=True)
@@ -307,14 +227,15 @@ def _set_special_token_ids(hf, ids: dict[str, int]) -> None:
 
 
 def import_hf(hf_model_or_dir, max_seq_len: int | None = None) -> tuple[ModelConfig, Decoder]:
-    """(ModelConfig, fp32 Decoder) from an in-memory transformers Mixtral/Llama model or a
-    directory `from_pretrained` can read. Raises ValueError naming an inexpressible field."""
+    """(ModelConfig, fp32 Decoder) from an in-memory transformers model of a supported family
+    or a directory `from_pretrained` can read. Raises UserValueError naming an inexpressible
+    field."""
     hf = hf_model_or_dir
     if isinstance(hf, (str, Path)):
         hf = _load_hf_dir(Path(hf))
     cfg = from_hf_config(hf.config, max_seq_len=max_seq_len)
     model = Decoder(cfg)
-    state = from_hf_state_dict(hf.state_dict(), cfg)
+    state = from_hf_state_dict(hf.state_dict(), cfg, hf.config.model_type)
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed = {k for k in model.state_dict() if k.endswith("router.expert_bias")}
     if cfg.tie_embeddings:
@@ -328,6 +249,7 @@ def _load_hf_dir(path: Path):
 
     if not (path / "config.json").is_file():
         raise UserValueError(f"{path} is not a Hugging Face model directory (no config.json)")
-    _check_hf_expressible(AutoConfig.from_pretrained(path))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    check_importable(AutoConfig.from_pretrained(path, trust_remote_code=False))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                trust_remote_code=False)
 

@@ -20,7 +20,7 @@ from mmfm.model import Decoder
 from mmfm.moe.upcycle import upcycle_from_dense
 
 _SHARED_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
-                  "tie_embeddings")
+                  "tie_embeddings", "qk_norm", "qkv_bias")  # the last two add attention weights
 
 
 def check_upcyclable(dense_cfg: ModelConfig, moe_cfg: ModelConfig) -> None:

@@ -29,7 +29,10 @@ class ParamCounts:
 
 def _attention_params(cfg) -> int:
     kv = cfg.n_kv_heads * cfg.head_dim
-    return cfg.d_model * cfg.d_model * 2 + cfg.d_model * kv * 2  # wq, wo, wk, wv
+    weights = cfg.d_model * cfg.d_model * 2 + cfg.d_model * kv * 2  # wq, wo, wk, wv
+    bias = (cfg.d_model + 2 * kv) if cfg.qkv_bias else 0
+    qk_norm = {"none": 0, "head": 2 * cfg.head_dim, "full": cfg.d_model + kv}[cfg.qk_norm]
+    return weights + bias + qk_norm
 
 
 def _swiglu_params(d_model: int, hidden: int) -> int:
@@ -42,7 +45,7 @@ def moe_ffn_params(moe: MoEConfig, d_model: int, ffn_hidden: int) -> tuple[int, 
     shared = moe.num_shared_experts * _swiglu_params(
         d_model, moe.shared_expert_hidden or moe.expert_hidden or ffn_hidden
     )
-    router = d_model * moe.num_experts
+    router = d_model * moe.num_experts + (d_model if moe.shared_expert_gate else 0)
     return moe.num_experts * expert + shared + router, moe.top_k * expert + shared + router
 
 

@@ -22,8 +22,8 @@ from mmfm.model.layers import (
     SwiGLU,
     document_causal_mask,
     output_std,
-    rope_cos_sin,
 )
+from mmfm.model.rope import depends_on_length, rope_cos_sin
 from mmfm.moe import MoELayer
 
 
@@ -44,7 +44,8 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, qk_norm=cfg.qk_norm,
+                              qkv_bias=cfg.qkv_bias, norm_eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.moe is not None and cfg.moe.is_moe_layer(layer_idx)
         if self.is_moe:
@@ -81,7 +82,7 @@ class Decoder(nn.Module):
         # weight directly. `mmfm.parallel.parallelize` turns it off where the weight is not a
         # plain local tensor (a tensor-parallel DTensor, a DeepSpeed ZeRO-3 partition).
         self.fused_head = cfg.fused_loss
-        cos, sin = rope_cos_sin(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_cos_sin(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         # Not persistent: derived from the config, so checkpoints stay portable.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -116,7 +117,7 @@ class Decoder(nn.Module):
         T = input_ids_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise UserValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self._rope_tables(T)
         mask = _attention_mask(doc_ids_BT)
         h_BTD = self.embed(input_ids_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
         aux = h_BTD.new_zeros((), dtype=torch.float32)
@@ -136,11 +137,25 @@ class Decoder(nn.Module):
         return DecoderOutput(logits_BTV, aux, token_loss_BT.sum() / num_targets,
                              token_loss_BT.detach())
 
+    def _rope_tables(self, T: int) -> tuple[Tensor, Tensor]:
+        return rope_tables(self.cfg, self.rope_cos, self.rope_sin, T)
+
     def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:
         """(layer index, MoE layer) for every MoE block, for metrics and bias updates."""
         for block in self.blocks:
             if block.is_moe:
                 yield block.layer_idx, block.ffn
+
+
+def rope_tables(cfg, cos_cache: Tensor, sin_cache: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    """(T, Dh) cos and sin: a slice of the cached tables, or for dynamic NTK scaling (whose
+    frequencies depend on the sequence length) tables built for this T. Pipeline stages share
+    it, so every layout rotates alike."""
+    if depends_on_length(cfg.rope_scaling):
+        cos, sin = rope_cos_sin(T, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                device=cos_cache.device)
+        return cos.to(cos_cache.dtype), sin.to(sin_cache.dtype)
+    return cos_cache[:T], sin_cache[:T]
 
 
 def _attention_mask(doc_ids_BT: Tensor | None) -> Tensor | None:

@@ -12,6 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmfm.model.rope import rope_cos_sin  # noqa: F401  (re-exported: its old home)
+
+QK_NORMS = ("none", "head", "full")
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 for stability."""
@@ -25,14 +29,6 @@ class RMSNorm(nn.Module):
         x_f32 = x.float()
         normed = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight.float()).type_as(x)
-
-
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
-    """cos, sin tables of shape (T, Dh) in the rotate-half layout used by Llama/Mixtral."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    angles_TF = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
-    angles_TDh = torch.cat([angles_TF, angles_TF], dim=-1)
-    return angles_TDh.cos(), angles_TDh.sin()
 
 
 def apply_rope(x_BHTDh: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> Tensor:
@@ -54,24 +50,44 @@ class Attention(nn.Module):
     """Grouped-query attention through `scaled_dot_product_attention`.
 
     K key/value heads are shared by H/K query heads each; SDPA's `enable_gqa` avoids
-    materializing repeated keys and values.
+    materializing repeated keys and values. Options that imported models need:
+    `qkv_bias` (Qwen2) and QK-norm, an RMSNorm on queries and keys before RoPE that keeps
+    attention logits bounded: `head` normalizes each head over Dh with one weight shared by
+    the heads (Qwen3, OLMo-2 style per-head), `full` normalizes the whole projection over
+    H·Dh (resp. K·Dh) features (OLMoE).
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, qk_norm: str = "none",
+                 qkv_bias: bool = False, norm_eps: float = 1e-5) -> None:
         super().__init__()
+        assert qk_norm in QK_NORMS, qk_norm
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
-        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.qk_norm = qk_norm
+        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        if qk_norm != "none":
+            q_dim = self.head_dim if qk_norm == "head" else n_heads * self.head_dim
+            k_dim = self.head_dim if qk_norm == "head" else n_kv_heads * self.head_dim
+            self.q_norm, self.k_norm = RMSNorm(q_dim, norm_eps), RMSNorm(k_dim, norm_eps)
+
+    def _project(self, x_BTD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, T, Dh), k and v (B, K, T, Dh), QK-normed when configured."""
+        B, T, _ = x_BTD.shape
+        q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        # -1 heads: under tensor parallelism wq/wk/wv hold only this rank's heads (H/tp, K/tp).
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         B, T, _ = x_BTD.shape
-        # -1 heads: under tensor parallelism wq/wk/wv hold only this rank's heads (H/tp, K/tp).
-        q = self.wq(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self._project(x_BTD)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_heads != self.n_kv_heads
         if mask is None:
@@ -83,7 +99,12 @@ class Attention(nn.Module):
     def reset_parameters(self, init_std: float, out_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):
             nn.init.normal_(lin.weight, std=init_std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
         nn.init.normal_(self.wo.weight, std=out_std)
+        if self.qk_norm != "none":
+            self.q_norm.weight.data.fill_(1.0)
+            self.k_norm.weight.data.fill_(1.0)
 
 
 class SwiGLU(nn.Module):

@@ -60,9 +60,11 @@ OBJECTS_FILE = "objects.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 # Model config fields that decide tensor shapes (a checkpoint must agree on all of them).
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
-                "tie_embeddings")
+                "tie_embeddings", "qk_norm", "qkv_bias")
 MOE_SHAPE_FIELDS = ("num_experts", "expert_hidden", "num_shared_experts", "shared_expert_hidden",
-                    "every", "first_dense")
+                    "every", "first_dense", "shared_expert_gate")
+# What a checkpoint written before a field existed had (the field's default then).
+FIELD_DEFAULTS = {"qk_norm": "none", "qkv_bias": False, "shared_expert_gate": False}
 
 
 @dataclass
@@ -288,7 +290,7 @@ def check_compatible(path: Path, meta: dict[str, Any], model_cfg) -> None:
         return
     mine = model_cfg if isinstance(model_cfg, dict) else _as_dict(model_cfg)
     for name in SHAPE_FIELDS:
-        if saved.get(name) != mine.get(name):
+        if saved.get(name, FIELD_DEFAULTS.get(name)) != mine.get(name):
             raise CheckpointError(
                 f"checkpoint {path} ({META_FILE}) was written for model.{name}={saved.get(name)}, "
                 f"but this run has model.{name}={mine.get(name)}")
@@ -299,7 +301,7 @@ def check_compatible(path: Path, meta: dict[str, Any], model_cfg) -> None:
             f"{'a dense' if s_moe is None else 'an MoE'} model, this run's model.moe is "
             f"{'null' if m_moe is None else 'set'}")
     for name in MOE_SHAPE_FIELDS if s_moe else ():
-        if s_moe.get(name) != m_moe.get(name):
+        if s_moe.get(name, FIELD_DEFAULTS.get(name)) != m_moe.get(name):
             raise CheckpointError(
                 f"checkpoint {path} ({META_FILE}) was written for model.moe.{name}="
                 f"{s_moe.get(name)}, but this run has model.moe.{name}={m_moe.get(name)}")

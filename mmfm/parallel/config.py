@@ -149,6 +149,10 @@ class ParallelConfig:
                 value = getattr(model_cfg, name)
                 if value % self.tp:
                     raise UserValueError(f"{path}.tp={self.tp} does not divide {m}.{name}={value}")
+            if getattr(model_cfg, "qk_norm", "none") == "full":
+                # The norm spans all heads, but each tp rank holds only H/tp of them.
+                raise UserValueError(f"{path}.tp={self.tp} cannot shard {m}.qk_norm=full (it "
+                                     "normalizes across heads); use qk_norm=head or tp=1")
             moe = model_cfg.moe
             if moe is not None and moe.num_shared_experts:
                 shared = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden

@@ -26,7 +26,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 
-from mmfm.model.decoder import _attention_mask, lm_loss
+from mmfm.model.decoder import _attention_mask, lm_loss, rope_tables
 from mmfm.parallel.config import ParallelConfig
 
 
@@ -71,7 +71,7 @@ class StageModule(nn.Module):
         """Token ids (first stage) or hidden states (B, T, D) -> hidden states or logits."""
         h_BTD = self.embed(x) if self.first else x
         T = h_BTD.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = rope_tables(self.cfg, self.rope_cos, self.rope_sin, T)
         mask = _attention_mask(doc_ids)
         aux = h_BTD.new_zeros((), dtype=torch.float32)
         for block in self.blocks.values():

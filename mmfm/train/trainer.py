@@ -31,6 +31,7 @@ import torch.distributed as dist
 from mmfm.config import ConfigError, ExperimentConfig, save_config
 from mmfm.errors import UserValueError
 from mmfm.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, collect_moe_metrics
+from mmfm.model import IGNORE_INDEX
 from mmfm.model.counting import count_params, flops_per_token
 from mmfm.parallel.api import ParallelModel, parallelize
 from mmfm.parallel.checkpoint import load_distributed, save_distributed
@@ -46,6 +47,8 @@ from mmfm.train.checkpoint import (
 )
 from mmfm.train.optim import build_scheduler
 from mmfm.train.task import Task, build_task
+
+POS_BUCKETS = 4  # validation loss by position: quarters of the sequence (val/loss_pos_*)
 
 
 @dataclass
@@ -360,11 +363,13 @@ class Trainer:
         """`val/loss` (token-weighted mean LM loss over the eval batches) and
         `val/loss/<source>` for each data source the batches name; every rank evaluates them
         all (expert and tensor parallelism need every rank in each forward)."""
+        from mmfm.metrics.position import bucket_metrics, bucket_sums
         from mmfm.metrics.sources import SourceLosses
 
         self.pm.train(False)
         total, count = 0.0, 0
         by_source = SourceLosses()
+        by_position = None
         for batch in self.task.eval_batches():
             batch = batch.to(self.dims.device, non_blocking=True)
             with autocast_context(self.cfg.train.precision):
@@ -373,12 +378,19 @@ class Trainer:
                 else:
                     out = self.task.loss(self.pm.module, batch)
                     loss, n = float(out.lm_loss), out.num_targets
-                    by_source.add_batch(batch, out.token_loss_BT)
+            if self.dims.pp == 1 and out.token_loss_BT is not None:
+                by_source.add_batch(batch, out.token_loss_BT)
+                sums = bucket_sums(out.token_loss_BT, batch.labels != IGNORE_INDEX, POS_BUCKETS)
+                by_position = sums if by_position is None else \
+                    tuple(a + b for a, b in zip(by_position, sums, strict=True))
             total += loss * n
             count += n
         if count == 0:
             raise UserValueError(f"data.val_shards={self.cfg.data.val_shards} yielded no tokens")
-        return {"val/loss": total / count, **by_source.metrics()}
+        out = {"val/loss": total / count, **by_source.metrics()}
+        if by_position is not None:  # every rank saw every batch: nothing to reduce
+            out.update(bucket_metrics(*by_position, self.cfg.data.seq_len, prefix="val/loss_pos"))
+        return out
 
     def _record_routing(self) -> None:
         """Routing of the fixed sample batch at this step, into RUN/routing/train/."""
