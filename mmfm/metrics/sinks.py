@@ -51,6 +51,11 @@ class ConsoleSink:
         if shown:
             self._bar.set_postfix({k: _short(v) for k, v in shown.items()}, refresh=True)
 
+    def progress(self, step: int, metrics: dict[str, Any]) -> None:
+        """Advance the bar for a step that is not logged (called every step, so a slow first
+        `log_every` interval does not look like a hang); shows loss and tokens/s."""
+        self.write(step, metrics)
+
     def close(self) -> None:
         self._bar.close()
 
@@ -82,6 +87,13 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         for sink in self.sinks:
             sink.write(step, metrics)
+
+    def progress(self, step: int, metrics: dict[str, Any]) -> None:
+        """Per-step liveness for sinks that show progress (the console bar); records files
+        and W&B still get only the `log` calls."""
+        for sink in self.sinks:
+            if hasattr(sink, "progress"):
+                sink.progress(step, metrics)
 
     def close(self) -> None:
         for sink in self.sinks:
