@@ -213,3 +213,10 @@ def move_batch(batch: Any, device: torch.device) -> Any:
     if hasattr(batch, "pin_memory"):
         batch = batch.pin_memory()
     return batch.to(device, non_blocking=True)
+
+
+def resolve_run(tcfg, local_rank: int = 0) -> tuple[torch.device, PrecisionChoice]:
+    """(device, precision) of this process for a `TrainConfig`: what the trainer calls once,
+    then logs `precision.reason` and passes both on (parallelize, autocast, move_batch)."""
+    device = resolve_device(tcfg.device, local_rank)
+    return device, resolve_precision(tcfg.precision, device)

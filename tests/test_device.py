@@ -21,6 +21,7 @@ from mmfm.device import (
     probe_bf16,
     resolve_device,
     resolve_precision,
+    resolve_run,
 )
 from mmfm.parallel.fp8 import Fp8UnsupportedError, fp8_linear_names
 
@@ -180,3 +181,10 @@ def test_the_probe_leaves_the_thread_count_as_it_was():
     before = torch.get_num_threads()
     probe_bf16(size=32, repeats=1)
     assert torch.get_num_threads() == before
+
+
+def test_resolve_run_reads_the_train_config():
+    from mmfm.config import TrainConfig
+
+    device, precision = resolve_run(TrainConfig(device="cpu", precision="fp32"))
+    assert device == CPU and precision.name == "fp32" and precision.reason == "train.precision=fp32"
