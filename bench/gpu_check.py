@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -279,25 +280,46 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device, 0)
     threads = torch.get_num_threads()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if device.type != "cuda":
         # Tiny shapes gain nothing from a thread pool, and on a loaded machine each op would
         # wait ~35 ms for its threads to wake (measured on the shared 2-core EPYC).
         torch.set_num_threads(1)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
+    torch.backends.cudnn.allow_tf32 = False
     try:
         return run_checks(args, device)
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def throughput_fitting(preset: str, device: torch.device, precision: PrecisionChoice,
+                       steps: int, batch: int | None, tiny: bool) -> dict:
+    """`throughput`, halving the batch while it runs out of GPU memory (the 1B preset's 4 rows
+    need ~90 GB: fine on an H200, not on an 80 GB H100); the row says which batch ran."""
+    while True:
+        try:
+            return throughput(preset, device, precision, steps, batch, tiny)
+        except torch.OutOfMemoryError:
+            rows = batch or load_config(ROOT / preset).train.micro_batch_size
+            if rows == 1:
+                raise
+        # Outside the handler: the traceback (and the model in its frames) is gone by now.
+        batch = rows // 2
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"{preset}: out of memory, retrying with batch {batch}", file=sys.stderr)
 
 
 def run_checks(args: argparse.Namespace, device: torch.device) -> int:
     tiny = device.type != "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
-    torch.backends.cudnn.allow_tf32 = False
     # Throughput in bf16 where native (every GPU the table knows); on the CPU what auto picks.
     precision = resolve_precision("bf16" if device.type == "cuda" else "auto", device)
     steps = args.steps or (20 if device.type == "cuda" else 2)
     loss_steps = args.loss_steps or (50 if device.type == "cuda" else 4)
-    rows = [throughput(p, device, precision, steps, args.batch, tiny) for p in args.presets]
+    rows = [throughput_fitting(p, device, precision, steps, args.batch, tiny)
+            for p in args.presets]
     loss = loss_tracking(device, loss_steps, tiny)
     experts = experts_parity(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     sdpa = sdpa_kernels(device, precision)
