@@ -188,3 +188,20 @@ def test_resolve_run_reads_the_train_config():
 
     device, precision = resolve_run(TrainConfig(device="cpu", precision="fp32"))
     assert device == CPU and precision.name == "fp32" and precision.reason == "train.precision=fp32"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_auto_picks_it_and_batches_arrive_intact():
+    from mmfm.config import TrainConfig
+
+    device, precision = resolve_run(TrainConfig())
+    assert device == torch.device("cuda", 0)
+    assert precision.name == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    ids = torch.arange(12).view(3, 4)
+    moved = move_batch(Batch(ids, ids + 1, ids.int()), device)
+    assert moved.input_ids.device == device
+    torch.testing.assert_close(moved.labels.cpu(), ids + 1)
+    with autocast_context(precision, device):
+        a = torch.randn(8, 8, device=device)
+        assert (a @ a).dtype == precision.dtype
