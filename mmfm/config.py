@@ -225,6 +225,8 @@ class ExperimentConfig:
             self.parallel.validate("parallel", self.model, train_cfg=self.train)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if self.train.precision == "fp8":
+            self._validate_fp8_layout()
         if self.model.attention == "flash_attn" and self.train.precision == "fp32":
             raise ConfigError("model.attention=flash_attn runs in bf16/fp16 only, but "
                               "train.precision=fp32; use model.attention=sdpa")
@@ -240,6 +242,17 @@ class ExperimentConfig:
                 self.multimodal.validate("multimodal", self)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+
+    def _validate_fp8_layout(self) -> None:
+        """torchao's float8 linears compose with FSDP2 and DDP here; tensor parallelism would
+        need torchao's float8 TP plans and DeepSpeed would wrap them untested, so both are
+        refused before launch rather than failing on the cluster."""
+        if self.parallel.tp > 1:
+            raise ConfigError(f"train.precision=fp8 does not compose with parallel.tp="
+                              f"{self.parallel.tp} yet; use train.precision=bf16 or parallel.tp=1")
+        if self.parallel.engine == "deepspeed":
+            raise ConfigError("train.precision=fp8 is not supported with parallel.engine="
+                              "deepspeed; use parallel.engine=fsdp or train.precision=bf16")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -56,6 +56,8 @@ def test_roundtrip_through_dict():
     (["train.precision=fp16"], "train.precision='fp16' is not one of auto, fp32, bf16, fp8"),
     (["train.device=tpu"], "train.device='tpu' is not one of auto, cpu, cuda"),
     (["train.device=cpu", "train.precision=fp8"], "train.precision=fp8 needs a GPU"),
+    (["train.precision=fp8", "parallel.tp=2"], "train.precision=fp8 does not compose with "
+                                                "parallel.tp=2"),
     (["model.attention=xformers"], "model.attention='xformers' is not one of sdpa, flash_attn"),
     (["train.warmup_steps=1000"], "train.warmup_steps=1000 must be in"),
     (["model.not_a_field=1"], "model.not_a_field"),
