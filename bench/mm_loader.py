@@ -68,9 +68,9 @@ def _docs(loader) -> int:
 
 def train_step_rate(cfg, steps: int) -> dict[str, float]:
     """Rows/s and tokens/s one training step consumes (loading excluded)."""
+    from mmfm.device import autocast_context, resolve_precision
     from mmfm.train.multimodal import MultimodalTask
     from mmfm.train.optim import build_optimizer
-    from mmfm.train.trainer import autocast_context
 
     torch.manual_seed(0)
     cfg.data.num_workers = 0
@@ -79,10 +79,11 @@ def train_step_rate(cfg, steps: int) -> dict[str, float]:
     optimizer = build_optimizer(model, cfg.train)
     loader = task.train_loader()
     batches = [next(loader) for _ in range(steps + 2)]
+    precision = resolve_precision(cfg.train.precision, torch.device("cpu"))
     times = []
     for batch in batches:
         started = time.perf_counter()
-        with autocast_context(cfg.train.precision):
+        with autocast_context(precision, "cpu"):
             out = task.loss(model, batch)
         (out.lm_loss + out.aux_loss).backward()
         optimizer.step()

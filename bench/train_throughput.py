@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from mmfm.config import load_config
+from mmfm.device import autocast_context
 from mmfm.model import Decoder
 from mmfm.model.counting import count_params, flops_per_token
-from mmfm.train.trainer import autocast_context
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PRESETS = ["configs/text_moe_tiny.yaml", "configs/text_dense_equiv_tiny.yaml",

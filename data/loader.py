@@ -74,6 +74,10 @@ class Batch:
                        for t in (self.input_ids, self.labels, self.doc_ids)),
                      source_ids=source_ids, sources=self.sources)
 
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory (what torch's DataLoader calls to pin it)."""
+        return Batch(*(t.pin_memory() for t in (self.input_ids, self.labels, self.doc_ids)))
+
     @property
     def num_target_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
@@ -254,6 +258,7 @@ class TokenLoader:
         seed: int = 0,
         vocab_size: int | None = None,
         tokenizer_sha256: str | None = None,
+        pin_memory: bool = False,
     ) -> None:
         self.dir = Path(shards_dir)
         self.index = read_index(self.dir)
@@ -268,6 +273,9 @@ class TokenLoader:
         self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
         self.rank, self.world_size, self.num_workers, self.seed = (
             rank, world_size, num_workers, seed)
+        # Page-locked batches from the worker processes, so a GPU copy can be non-blocking
+        # (the DataLoader pins in a side thread; mmfm.device.move_batch pins the rest).
+        self.pin_memory = pin_memory
         self.names = [s["name"] for s in self.index["shards"]]
         self._readers = max(1, num_workers)  # logical workers (1 in-process when 0)
         self._check_enough_shards()
@@ -305,7 +313,8 @@ class TokenLoader:
         dataset = _PackedDataset(self, self._next_worker, list(self._states))
         if self.num_workers == 0:
             return iter(dataset)
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                               pin_memory=self.pin_memory))
 
     def close(self) -> None:
         """Stop the worker processes (they restart on the next batch)."""

@@ -318,7 +318,7 @@ class MMLoader:
                  seq_len: int, micro_batch_size: int, encoders: dict[str, Any], *,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_buffer: int = 64, strict: bool = False, loss_on_markers: bool = False,
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None, pin_memory: bool = False) -> None:
         if not sources:
             raise UserValueError("no multimodal sources: set multimodal.sources in the config")
         if not 0 <= rank < world_size or num_workers < 0 or min(seq_len, micro_batch_size,
@@ -330,6 +330,7 @@ class MMLoader:
         _check_vocab(load_tokenizer(tokenizer), vocab_size, tokenizer)
         self.num_readers = max(1, num_workers)
         self.num_workers, self.rank, self.world_size, self.seed = num_workers, rank, world_size, seed
+        self.pin_memory = pin_memory  # page-locked batches from workers (GPU runs)
         self.spec = {"sources": sets, "tokenizer": str(tokenizer), "seq_len": seq_len,
                      "micro_batch_size": micro_batch_size, "encoders": dict(encoders),
                      "rank": rank, "world_size": world_size, "num_readers": self.num_readers,
@@ -356,7 +357,7 @@ class MMLoader:
         if self.num_workers == 0:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                               persistent_workers=False))
+                               persistent_workers=False, pin_memory=self.pin_memory))
 
     def close(self) -> None:
         """Stop the worker processes (they restart on the next batch)."""

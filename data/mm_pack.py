@@ -77,6 +77,12 @@ class MMBatch:
                 (self.input_ids, self.labels, self.doc_ids, self.target_groups)]
         return MMBatch(*move, media={m: v.to(device, non_blocking) for m, v in self.media.items()})
 
+    def pin_memory(self) -> MMBatch:
+        """The batch in page-locked host memory (what torch's DataLoader calls to pin it)."""
+        pinned = [t.pin_memory() for t in
+                  (self.input_ids, self.labels, self.doc_ids, self.target_groups)]
+        return MMBatch(*pinned, media={m: v.pin_memory() for m, v in self.media.items()})
+
     @property
     def num_target_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from tokenizers import Tokenizer
 
 from mmfm.data.readers import Document
@@ -148,7 +147,7 @@ class _ShardSequence:
     def __init__(self, out: Path, prefix: str, per_shard: int) -> None:
         self.out, self.prefix, self.per_shard = out, prefix, per_shard
         self.shards: list[dict[str, Any]] = []
-        self._tar: wds.TarWriter | None = None
+        self._tar: Any = None  # webdataset.TarWriter while a shard is open
         self._tmp: Path | None = None
         self._samples = 0
         self._tokens = 0
@@ -172,6 +171,10 @@ class _ShardSequence:
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._tmp = self.out / f".{name}.tmp"
+        # Imported here: only writing needs webdataset, and readers of mmfm.data (the trainer,
+        # bench/gpu_check.py on a bare GPU box) should not depend on it.
+        import webdataset as wds
+
         self._tar = wds.TarWriter(str(self._tmp))
         self._samples = self._tokens = 0
 

@@ -122,5 +122,8 @@ class MediaTensors:
         return MediaTensors(*(t.to(device, non_blocking=non_blocking)
                               for t in (self.data, self.lengths, self.num_tokens)))
 
+    def pin_memory(self) -> MediaTensors:
+        return MediaTensors(*(t.pin_memory() for t in (self.data, self.lengths, self.num_tokens)))
+
     def __len__(self) -> int:
         return int(self.num_tokens.shape[0])

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from mmfm.device import DEVICES, PRECISIONS
 from mmfm.encoders.config import MultimodalConfig
 from mmfm.errors import UserValueError
 from mmfm.model.layers import QK_NORMS
@@ -23,7 +24,7 @@ from mmfm.moe.config import MoEConfig
 from mmfm.parallel.config import ParallelConfig
 from mmfm.yaml_config import merge_structured, read_yaml_mapping
 
-PRECISIONS = ("fp32", "bf16")
+ATTENTIONS = ("sdpa", "flash_attn")
 DATA_KINDS = ("text", "multimodal")  # which `mmfm.train.task` builds the model, data and loss
 
 
@@ -57,6 +58,9 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2; kept for import)
     # Longer contexts than trained at: linear, dynamic (NTK), yarn, llama3 (mmfm/model/rope.py).
     rope_scaling: RopeScalingConfig | None = None
+    # sdpa: torch's scaled_dot_product_attention (picks the flash kernel on CUDA by itself).
+    # flash_attn: the flash-attn package (optional, CUDA only), varlen kernels for packed docs.
+    attention: str = "sdpa"
     moe: MoEConfig | None = field(default_factory=lambda: MoEConfig(expert_hidden=256))
 
     @property
@@ -86,11 +90,21 @@ class ModelConfig:
                 self.rope_scaling.validate(f"{path}.rope_scaling")
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+        self._validate_attention(path)
         if self.moe is not None:
             try:
                 self.moe.validate(f"{path}.moe")
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+
+    def _validate_attention(self, path: str) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(
+                f"{path}.attention={self.attention!r} is not one of {', '.join(ATTENTIONS)}")
+        if self.attention == "flash_attn":
+            from mmfm.model.layers import check_flash_attn_available
+
+            check_flash_attn_available(path)  # MissingDependencyError, one line
 
     def build(self):
         """The `mmfm.model.Decoder` this config describes (random init)."""
@@ -123,7 +137,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Optimizer, schedule, precision, evaluation and checkpoint cadence."""
+    """Optimizer, schedule, device and precision, evaluation and checkpoint cadence."""
 
     steps: int = 250
     micro_batch_size: int = 8
@@ -135,7 +149,11 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    precision: str = "bf16"
+    # auto: CUDA when a GPU is visible (one per local rank), else the CPU (mmfm.device).
+    device: str = "auto"
+    # auto: bf16 where the hardware runs it natively (CUDA with bf16; CPUs with AVX512-BF16 or
+    # AMX), fp32 elsewhere; fp8: torchao float8 linears on GPUs of capability >= 8.9.
+    precision: str = "auto"
     eval_every: int = 100
     eval_batches: int = 8
     ckpt_every: int = 100
@@ -158,8 +176,14 @@ class TrainConfig:
             raise ConfigError(
                 f"{path}.warmup_steps={self.warmup_steps} must be in [0, {path}.steps={self.steps}]"
             )
+        if self.device not in DEVICES:
+            raise ConfigError(f"{path}.device={self.device!r} is not one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"{path}.precision={self.precision!r} is not one of fp32, bf16")
+            raise ConfigError(
+                f"{path}.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.precision == "fp8" and self.device == "cpu":
+            raise ConfigError(f"{path}.precision=fp8 needs a GPU (compute capability >= 8.9), "
+                              f"but {path}.device=cpu; use {path}.precision=auto")
         if self.grad_clip < 0:
             raise ConfigError(f"{path}.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
 
@@ -224,6 +248,11 @@ class ExperimentConfig:
             self.parallel.validate("parallel", self.model, train_cfg=self.train)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if self.train.precision == "fp8":
+            self._validate_fp8_layout()
+        if self.model.attention == "flash_attn" and self.train.precision == "fp32":
+            raise ConfigError("model.attention=flash_attn runs in bf16/fp16 only, but "
+                              "train.precision=fp32; use model.attention=sdpa")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
@@ -241,6 +270,17 @@ class ExperimentConfig:
             raise ConfigError(f"parallel.tp={p.tp}, parallel.pp={p.pp}, parallel.ep={p.ep}: "
                               f"only data parallelism is implemented for "
                               f"data.kind={self.data.kind!r} (tp, pp and ep need 1)")
+
+    def _validate_fp8_layout(self) -> None:
+        """torchao's float8 linears compose with FSDP2 and DDP here; tensor parallelism would
+        need torchao's float8 TP plans and DeepSpeed would wrap them untested, so both are
+        refused before launch rather than failing on the cluster."""
+        if self.parallel.tp > 1:
+            raise ConfigError(f"train.precision=fp8 does not compose with parallel.tp="
+                              f"{self.parallel.tp} yet; use train.precision=bf16 or parallel.tp=1")
+        if self.parallel.engine == "deepspeed":
+            raise ConfigError("train.precision=fp8 is not supported with parallel.engine="
+                              "deepspeed; use parallel.engine=fsdp or train.precision=bf16")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

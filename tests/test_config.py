@@ -1,5 +1,6 @@
 """Config loading, overrides and validation: every user error is one line naming the field."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 
 from mmfm.cli import main
 from mmfm.config import ConfigError, config_from_dict, load_config
+from mmfm.errors import MissingDependencyError
 from mmfm.model.counting import count_params, dense_equivalent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +53,12 @@ def test_roundtrip_through_dict():
     (["model.moe.backend=cuda_magic"], "model.moe.backend='cuda_magic' is not one of"),
     (["model.moe.capacity_factor=0"], "model.moe.capacity_factor=0.0 must be > 0"),
     (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=256"),
-    (["train.precision=fp8"], "train.precision='fp8' is not one of"),
+    (["train.precision=fp16"], "train.precision='fp16' is not one of auto, fp32, bf16, fp8"),
+    (["train.device=tpu"], "train.device='tpu' is not one of auto, cpu, cuda"),
+    (["train.device=cpu", "train.precision=fp8"], "train.precision=fp8 needs a GPU"),
+    (["train.precision=fp8", "parallel.tp=2"], "train.precision=fp8 does not compose with "
+                                                "parallel.tp=2"),
+    (["model.attention=xformers"], "model.attention='xformers' is not one of sdpa, flash_attn"),
     (["train.warmup_steps=1000"], "train.warmup_steps=1000 must be in"),
     (["model.not_a_field=1"], "model.not_a_field"),
     (["train.steps=many"], "train.steps"),
@@ -101,3 +108,20 @@ def test_embedded_defaults_are_the_tiny_preset():
     defaults, preset = load_config(None), load_config(TINY)
     defaults.run.name = preset.run.name
     assert defaults == preset
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None,
+                    reason="flash-attn is installed here")
+def test_flash_attn_without_the_package_names_it():
+    with pytest.raises(MissingDependencyError) as info:
+        load_config(TINY, ["model.attention=flash_attn", "train.precision=bf16"])
+    assert "model.attention=flash_attn needs the flash-attn package" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_flash_attn_refuses_fp32(monkeypatch):
+    import mmfm.model.layers as layers
+
+    monkeypatch.setattr(layers, "check_flash_attn_available", lambda path="model": None)
+    with pytest.raises(ConfigError, match="flash_attn runs in bf16/fp16 only"):
+        load_config(TINY, ["model.attention=flash_attn", "train.precision=fp32"])

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import tol
 
 from mmfm.config import ModelConfig
 from mmfm.model import Decoder
@@ -34,11 +35,15 @@ def test_loss_and_gradients_equal_cross_entropy_fp32(chunk_rows):
     ref_loss, ref_gh, ref_gw = _reference(h, w, y)
     loss, rows = fused_linear_cross_entropy(h, w, y, chunk_rows=chunk_rows)
     gh, gw = torch.autograd.grad(loss, (h, w))
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-8)
+    N, D = h.shape
+    V = w.shape[0]
+    # Logits are D-term dot products; the loss sums V exponentials and then N rows; the head
+    # gradient sums over V classes, the weight gradient over N rows.
+    torch.testing.assert_close(loss, ref_loss, **tol(torch.float32, D + V + N, ref_loss.abs()))
+    torch.testing.assert_close(gh, ref_gh, **tol(torch.float32, D + V, ref_gh.abs().max()))
+    torch.testing.assert_close(gw, ref_gw, **tol(torch.float32, D + V + N, ref_gw.abs().max()))
     per_row = F.cross_entropy(F.linear(h, w), y, ignore_index=IGNORE_INDEX, reduction="none")
-    torch.testing.assert_close(rows, per_row.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rows, per_row.detach(), **tol(torch.float32, D + V, per_row.max()))
     assert not rows.requires_grad
 
 
@@ -111,7 +116,12 @@ def test_decoder_fused_and_plain_losses_and_gradients_agree(tie):
         (out.lm_loss + out.aux_loss).backward()
         losses.append((out.lm_loss.detach(), out.token_loss_BT))
         grads.append({n: p.grad for n, p in model.named_parameters()})
-    torch.testing.assert_close(losses[0][0], losses[1][0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(losses[0][1], losses[1][1], rtol=1e-5, atol=1e-6)
+    # Only the head's reductions differ (chunked vs whole); the gradients then flow back
+    # through both layers, whose widths add to the terms each gradient element sums.
+    n = cfg.d_model + cfg.vocab_size + labels.numel() + cfg.n_layers * (cfg.d_model + cfg.ffn_hidden)
+    torch.testing.assert_close(losses[0][0], losses[1][0], **tol(torch.float32, n, losses[1][0]))
+    torch.testing.assert_close(losses[0][1], losses[1][1],
+                               **tol(torch.float32, n, losses[1][1].max()))
     for name, grad in grads[0].items():
-        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-7, msg=name)
+        ref = grads[1][name]
+        torch.testing.assert_close(grad, ref, **tol(torch.float32, n, ref.abs().max()), msg=name)

@@ -58,3 +58,17 @@ def test_wandb_offline_sink_writes_a_local_run(tmp_path, monkeypatch):
     sink.write(1, {"train/loss": 1.5, "moe/layer_00/tokens_per_expert": [1, 2]})
     sink.close()
     assert list(tmp_path.rglob("*.wandb")), "no offline wandb run file written"
+
+
+def test_progress_moves_the_bar_every_step_but_writes_no_records(tmp_path):
+    from mmfm.metrics import ConsoleSink
+
+    console = ConsoleSink(total_steps=10)
+    logger = MetricsLogger([JsonlSink(tmp_path / "m.jsonl"), console])
+    for step in (1, 2, 3):
+        logger.progress(step, {"train/loss": 5.0, "perf/tokens_per_s": 1234.5})
+    assert console._bar.n == 3
+    assert "tokens_per_s" in console._bar.postfix and "loss" in console._bar.postfix
+    logger.close()
+    path = tmp_path / "m.jsonl"
+    assert not path.exists() or path.read_text() == ""

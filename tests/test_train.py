@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import ROOT, tiny_config, tiny_overrides
+from tolerances import tol
 
 from mmfm.cli import main
 from mmfm.train import CheckpointError, Trainer
@@ -76,22 +77,39 @@ class _FixedBatches:
 
 
 def test_gradient_accumulation_equals_larger_batch(text_data, tmp_path):
+    """Two micro-batches of 4 rows accumulate to the gradient of one batch of 8 rows.
+
+    Compared before the optimizer step: AdamW divides each gradient by its own magnitude, so an
+    element whose gradient nearly cancels amplifies a last-bit difference up to the learning
+    rate (an AVX2 machine showed 3.2e-6 on 1 of 8192 weights after two steps). The gradients
+    themselves differ only in summation order, within `tol` of the tokens summed per step."""
     from mmfm.data.loader import Batch
 
-    common = {"train.steps": 2, "model.moe": "null", "train.ckpt_every": 10, "train.eval_every": 10}
+    common = {"train.steps": 1, "model.moe": "null", "train.ckpt_every": 10, "train.eval_every": 10}
     a = Trainer(tiny_config(text_data, tmp_path / "a", **common, **{"train.micro_batch_size": 4,
                                                                     "train.grad_accum": 2}))
     b = Trainer(tiny_config(text_data, tmp_path / "b", **common, **{"train.micro_batch_size": 8,
                                                                     "train.grad_accum": 1}))
-    micro = [next(a.loader) for _ in range(4)]
+    micro = [next(a.loader) for _ in range(2)]
     a.loader = _FixedBatches(micro)
     b.loader = _FixedBatches([
         Batch(*(torch.cat([getattr(x, f), getattr(y, f)]) for f in ("input_ids", "labels", "doc_ids")))
-        for x, y in (micro[0:2], micro[2:4])])
+        for x, y in [micro]])
+    grads = {}
+
+    def keep_grads(name, model):
+        def hook(optimizer, args, kwargs):  # runs before the optimizer step
+            grads.setdefault(name, [p.grad.clone() for p in model.parameters()])
+        return hook
+
+    for name, trainer in (("a", a), ("b", b)):
+        trainer.optimizer.register_step_pre_hook(keep_grads(name, trainer.model))
     ra, rb = a.fit(), b.fit()
-    assert ra.train_losses[1] == pytest.approx(rb.train_losses[1], rel=1e-5)
-    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
-        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+    tokens = 8 * a.cfg.data.seq_len  # terms summed into each weight gradient
+    assert ra.train_losses[1] == pytest.approx(rb.train_losses[1],
+                                               rel=tol(torch.float32, tokens)["rtol"])
+    for ga, gb in zip(grads["a"], grads["b"], strict=True):
+        torch.testing.assert_close(ga, gb, **tol(torch.float32, tokens, scale=gb.abs().max()))
 
 
 def test_corrupt_checkpoint_is_detected_and_previous_named(text_data, tmp_path, capsys):

@@ -45,13 +45,6 @@ class ConsoleSink:
         self._last_step = start_step
         self._shown: dict[str, str] = {}
 
-    def progress(self, step: int, tokens_per_s: float) -> None:
-        """Every step: advance the bar and show this step's throughput, so a slow first
-        logging interval does not look like a hang."""
-        self._advance(step)
-        self._shown["tok/s"] = f"{tokens_per_s:.0f}"
-        self._bar.set_postfix(self._shown, refresh=True)
-
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         self._advance(step)
         self._shown.update({k.split("/", 1)[1] if k.startswith("train/") else k: _short(v)
@@ -64,6 +57,11 @@ class ConsoleSink:
     def _advance(self, step: int) -> None:
         self._bar.update(max(0, step - self._last_step))
         self._last_step = max(self._last_step, step)
+
+    def progress(self, step: int, metrics: dict[str, Any]) -> None:
+        """Advance the bar for a step that is not logged (called every step, so a slow first
+        `log_every` interval does not look like a hang); shows loss and tokens/s."""
+        self.write(step, metrics)
 
     def close(self) -> None:
         self._bar.close()
@@ -216,11 +214,12 @@ class MetricsLogger:
         for sink in self.sinks:
             sink.write(step, metrics)
 
-    def progress(self, step: int, tokens_per_s: float) -> None:
-        """A per-step heartbeat for the sinks that show progress (the console bar)."""
+    def progress(self, step: int, metrics: dict[str, Any]) -> None:
+        """Per-step liveness for sinks that show progress (the console bar); records files
+        and W&B still get only the `log` calls."""
         for sink in self.sinks:
             if hasattr(sink, "progress"):
-                sink.progress(step, tokens_per_s)
+                sink.progress(step, metrics)
 
     def close(self) -> None:
         for sink in self.sinks:

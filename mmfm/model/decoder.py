@@ -20,8 +20,10 @@ from mmfm.model.layers import (
     Attention,
     RMSNorm,
     SwiGLU,
+    VarlenDocs,
     document_causal_mask,
     output_std,
+    varlen_docs,
 )
 from mmfm.model.rope import depends_on_length, rope_cos_sin
 from mmfm.moe import MoELayer
@@ -44,8 +46,8 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, qk_norm=cfg.qk_norm,
-                              qkv_bias=cfg.qkv_bias, norm_eps=cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.attention,
+                              qk_norm=cfg.qk_norm, qkv_bias=cfg.qkv_bias, norm_eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.moe is not None and cfg.moe.is_moe_layer(layer_idx)
         if self.is_moe:
@@ -53,7 +55,7 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, h_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+    def forward(self, h_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | VarlenDocs | None,
                 modality_ids_BT: Tensor | None = None):
         h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), cos, sin, mask)
         if self.is_moe and getattr(self.ffn, "takes_modality_ids", False):
@@ -118,7 +120,7 @@ class Decoder(nn.Module):
         if T > self.cfg.max_seq_len:
             raise UserValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self._rope_tables(T)
-        mask = _attention_mask(doc_ids_BT)
+        mask = _attention_mask(doc_ids_BT, self.cfg.attention)
         h_BTD = self.embed(input_ids_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
         aux = h_BTD.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
@@ -158,10 +160,14 @@ def rope_tables(cfg, cos_cache: Tensor, sin_cache: Tensor, T: int) -> tuple[Tens
     return cos_cache[:T], sin_cache[:T]
 
 
-def _attention_mask(doc_ids_BT: Tensor | None) -> Tensor | None:
-    """None (plain causal, the fast path) unless some row packs more than one document."""
+def _attention_mask(doc_ids_BT: Tensor | None, backend: str = "sdpa"
+                    ) -> Tensor | VarlenDocs | None:
+    """None (plain causal, the fast path) unless some row packs more than one document; then
+    the document mask in the form the attention backend takes."""
     if doc_ids_BT is None or bool((doc_ids_BT == doc_ids_BT[:, :1]).all()):
         return None
+    if backend == "flash_attn":
+        return varlen_docs(doc_ids_BT)
     return document_causal_mask(doc_ids_BT)
 
 

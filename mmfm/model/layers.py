@@ -1,20 +1,40 @@
 """Transformer building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
 
 Shape legend: B batch, T sequence, D model width, H query heads, K key/value heads,
-Dh head dim, F FFN hidden size. Only math here: no distributed code.
+Dh head dim, F FFN hidden size, N = B·T packed tokens, S documents (segments) + 1.
+Only math here: no distributed code.
+
+Attention backends (`model.attention`): `sdpa` is torch's `scaled_dot_product_attention`,
+which on CUDA picks the flash or memory-efficient kernel by itself (a boolean document mask
+rules out flash, so packed documents then run the memory-efficient kernel); `flash_attn` calls
+the flash-attn package (optional, CUDA, bf16/fp16 only), whose varlen kernel takes packed
+documents as cumulative sequence lengths instead of a (T, T) mask.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmfm.errors import MissingDependencyError
 from mmfm.model.rope import rope_cos_sin  # noqa: F401  (re-exported: its old home)
 
 QK_NORMS = ("none", "head", "full")
+
+FLASH_ATTN_MISSING = ("{path}.attention=flash_attn needs the flash-attn package, which is not "
+                      "installed (CUDA only): `pip install flash-attn`, or set "
+                      "{path}.attention=sdpa (torch picks the flash kernel itself)")
+
+
+def check_flash_attn_available(path: str = "model") -> None:
+    """Raise MissingDependencyError naming flash-attn when it is not installed."""
+    if importlib.util.find_spec("flash_attn") is None:
+        raise MissingDependencyError(FLASH_ATTN_MISSING.format(path=path))
 
 
 class RMSNorm(nn.Module):
@@ -46,8 +66,50 @@ def document_causal_mask(doc_ids_BT: Tensor) -> Tensor:
     return (same_doc_BTT & causal_TT)[:, None]
 
 
+@dataclass(frozen=True)
+class VarlenDocs:
+    """Packed documents as flash-attn's varlen kernel wants them: the documents of all rows
+    laid end to end, `cu_seqlens_S` their int32 start offsets plus the total, `max_len` the
+    longest one."""
+
+    cu_seqlens_S: Tensor
+    max_len: int
+
+
+def varlen_docs(doc_ids_BT: Tensor) -> VarlenDocs:
+    """Document boundaries of a packed batch: a new document starts where the id changes
+    within a row, and at every row start (rows never attend to each other)."""
+    B, T = doc_ids_BT.shape
+    starts_BT = torch.ones_like(doc_ids_BT, dtype=torch.bool)
+    starts_BT[:, 1:] = doc_ids_BT[:, 1:] != doc_ids_BT[:, :-1]
+    starts_N = starts_BT.flatten().nonzero().squeeze(1)
+    total = torch.tensor([B * T], device=doc_ids_BT.device)
+    cu_seqlens_S = torch.cat([starts_N, total]).to(torch.int32)
+    return VarlenDocs(cu_seqlens_S, int((cu_seqlens_S[1:] - cu_seqlens_S[:-1]).max()))
+
+
+def flash_attention(q_BHTDh: Tensor, k_BKTDh: Tensor, v_BKTDh: Tensor,
+                    docs: VarlenDocs | None) -> Tensor:
+    """Causal GQA attention through flash-attn (plain, or varlen over packed documents);
+    returns (B, H, T, Dh) like SDPA. flash-attn takes (B, T, heads, Dh) and shares K heads
+    among H query heads itself."""
+    import flash_attn  # lazy: optional CUDA package, checked at config time
+
+    B, H, T, Dh = q_BHTDh.shape
+    q, k, v = (t.transpose(1, 2) for t in (q_BHTDh, k_BKTDh, v_BKTDh))  # (B, T, heads, Dh)
+    if docs is None:
+        out_BTHDh = flash_attn.flash_attn_func(q, k, v, causal=True)
+    else:
+        cu, n = docs.cu_seqlens_S, docs.max_len
+        out_NHDh = flash_attn.flash_attn_varlen_func(
+            q.reshape(B * T, H, Dh), k.reshape(B * T, -1, Dh), v.reshape(B * T, -1, Dh),
+            cu, cu, n, n, causal=True)
+        out_BTHDh = out_NHDh.view(B, T, H, Dh)
+    return out_BTHDh.transpose(1, 2)
+
+
 class Attention(nn.Module):
-    """Grouped-query attention through `scaled_dot_product_attention`.
+    """Grouped-query attention through `scaled_dot_product_attention` (or flash-attn).
 
     K key/value heads are shared by H/K query heads each; SDPA's `enable_gqa` avoids
     materializing repeated keys and values. Options that imported models need:
@@ -57,10 +119,11 @@ class Attention(nn.Module):
     H·Dh (resp. K·Dh) features (OLMoE).
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, qk_norm: str = "none",
-                 qkv_bias: bool = False, norm_eps: float = 1e-5) -> None:
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, backend: str = "sdpa", *,
+                 qk_norm: str = "none", qkv_bias: bool = False, norm_eps: float = 1e-5) -> None:
         super().__init__()
         assert qk_norm in QK_NORMS, qk_norm
+        self.backend = backend
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
         self.qk_norm = qk_norm
@@ -85,12 +148,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor,
+                mask: Tensor | VarlenDocs | None) -> Tensor:
+        """`mask`: None (causal), a (B, 1, T, T) bool document mask (sdpa), or the packed
+        documents' `VarlenDocs` (flash_attn)."""
         B, T, _ = x_BTD.shape
         q, k, v = self._project(x_BTD)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_heads != self.n_kv_heads
-        if mask is None:
+        if self.backend == "flash_attn":
+            out = flash_attention(q, k, v, mask)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

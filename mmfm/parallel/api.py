@@ -1,8 +1,14 @@
 """`parallelize(model, dims, cfg)`: one entry point that lays an mmfm Decoder out over processes.
 
-Order (fixed): pipeline split (each rank keeps only its stages' layers) → tensor parallel →
-expert parallel → activation checkpointing → compile → sharding (FSDP2 `fully_shard`, or
-DeepSpeed ZeRO when the optimizer is built, since DeepSpeed wraps both). The result is a
+Order (fixed): pipeline split (each rank keeps only its stages' layers) → move to the device →
+fp8 conversion (train.precision=fp8) → tensor parallel → expert parallel → activation
+checkpointing → compile → sharding (FSDP2 `fully_shard`, or DeepSpeed ZeRO when the optimizer
+is built, since DeepSpeed wraps both).
+
+Precision is passed in as the run's `mmfm.device.PrecisionChoice`: a bf16 (or fp8) run on CUDA
+shards with FSDP2's `MixedPrecisionPolicy` (bf16 parameters for compute and all-gathers, fp32
+gradient reduction) and DeepSpeed's `bf16` section; elsewhere weights stay fp32 and autocast
+alone lowers the matrix products. The result is a
 `ParallelModel`: the local model parts plus what a training step needs (pipeline schedule,
 DeepSpeed engine, gradient specs). Meshes and groups come from `dims`, never from globals.
 """
@@ -18,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from mmfm.device import PrecisionChoice
 from mmfm.errors import UserValueError
 from mmfm.parallel.config import ParallelConfig
 from mmfm.parallel.expert_parallel import apply_expert_parallel
@@ -60,12 +67,31 @@ def apply_compile(part: nn.Module) -> None:
         block.compile()
 
 
-def apply_fsdp(part: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> None:
+def bf16_weights(precision: PrecisionChoice | None, device: torch.device) -> bool:
+    """Whether sharding engines hold bf16 compute weights (fp32 master copy kept): a bf16 or
+    fp8 run on CUDA. On CPUs the weights stay fp32 and autocast lowers the products."""
+    return precision is not None and precision.name in ("bf16", "fp8") and device.type == "cuda"
+
+
+def fsdp_mp_policy(precision: PrecisionChoice | None, device: torch.device):
+    """FSDP2 mixed precision for the run: bf16 parameters for compute and all-gathers, fp32
+    gradient reduce-scatters (as torchtitan's default); None keeps everything fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not bf16_weights(precision, device):
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def apply_fsdp(part: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
+               precision: PrecisionChoice | None = None) -> None:
     """FSDP2: one unit per block, experts of expert-parallel layers in their own unit on the
-    expert-data-parallel mesh (their gradients divided by dp, not dp/ep), then the root."""
-    from torch.distributed.fsdp import fully_shard
+    expert-data-parallel mesh (their gradients divided by dp, not dp/ep), then the root;
+    mixed precision as `fsdp_mp_policy` says."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     reshard = cfg.stage == 3
+    mp = fsdp_mp_policy(precision, dims.device) or MixedPrecisionPolicy()
     for block in blocks_of(part).values():
         ignored = None
         if block.is_moe and dims.ep > 1:
@@ -73,13 +99,14 @@ def apply_fsdp(part: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> None
             if dims.edp == 1:  # nothing to shard: mmfm's reducer divides their grads by dp
                 ignored = set(experts.parameters())
             else:
-                fully_shard(experts, mesh=dims.edp_mesh, reshard_after_forward=reshard)
+                fully_shard(experts, mesh=dims.edp_mesh, reshard_after_forward=reshard,
+                            mp_policy=mp)
                 experts.set_gradient_divide_factor(float(dims.dp))
                 if dims.device.type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide
                     experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=dims.dp_mesh, reshard_after_forward=reshard,
-                    ignored_params=ignored)
-    fully_shard(part, mesh=dims.dp_mesh, reshard_after_forward=reshard)
+                    ignored_params=ignored, mp_policy=mp)
+    fully_shard(part, mesh=dims.dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
     # Ranks may use different weights in a step (a modality absent from one rank's batch):
     # reduce zeros for unused ones so every rank issues the same collectives.
     part.set_reduce_scatter_unused_params(True)
@@ -107,6 +134,7 @@ class ParallelModel:
     parts: list[nn.Module]  # the Decoder (pp = 1) or this rank's pipeline stage modules
     dims: ParallelDims
     cfg: ParallelConfig
+    precision: PrecisionChoice | None = None  # the run's choice (None: fp32 weights)
     schedule: Any = None  # torch.distributed.pipelining schedule (pp > 1)
     engine: Any = None  # DeepSpeed engine (engine=deepspeed, after build_optimizer)
     specs: list[GradSpec] = field(default_factory=list)
@@ -151,7 +179,8 @@ class ParallelModel:
         if self.cfg.engine == "deepspeed":
             from mmfm.parallel.deepspeed_engine import initialize
 
-            self.engine, optimizer = initialize(self.parts[0], self.dims, self.cfg, tcfg, grad_accum)
+            self.engine, optimizer = initialize(self.parts[0], self.dims, self.cfg, tcfg, grad_accum,
+                                                bf16=bf16_weights(self.precision, self.dims.device))
             return optimizer
         return build_adamw(self.parts, self.named_parameters(), tcfg, self.model_cfg)
 
@@ -226,8 +255,10 @@ def grad_specs(pm: ParallelModel) -> list[GradSpec]:
     return specs
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> ParallelModel:
-    """Lay `model` (a Decoder, identical on every rank) out as `cfg` says over `dims`."""
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
+                precision: PrecisionChoice | None = None) -> ParallelModel:
+    """Lay `model` (a Decoder, identical on every rank) out as `cfg` says over `dims`, in the
+    run's `precision` (from `mmfm.device.resolve_precision`; None: fp32 weights)."""
     cfg.validate("parallel", decoder_of(model).cfg, world_size=dims.world_size)
     if decoder_of(model) is not model and max(dims.pp, dims.tp, dims.ep) > 1:
         raise UserValueError(
@@ -239,6 +270,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
         parts = [model]
     for part in parts:
         part.to(dims.device)  # before any DTensor exists (moving DTensors swaps tensors)
+        if precision is not None and precision.name == "fp8":
+            from mmfm.parallel.fp8 import apply_fp8
+
+            apply_fp8(part, dims.device)  # before sharding and compile, as torchao asks
         blocks = blocks_of(part)
         apply_tensor_parallel(blocks, dims.tp_mesh)
         choose_head_path(part, cfg)
@@ -248,8 +283,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
         if cfg.compile:
             apply_compile(part)
         if cfg.engine == "fsdp" and dims.dp > 1:
-            apply_fsdp(part, dims, cfg)
-    pm = ParallelModel(parts, dims, cfg)
+            apply_fsdp(part, dims, cfg, precision)
+    pm = ParallelModel(parts, dims, cfg, precision)
     if dims.pp > 1:
         pm.schedule = build_schedule(parts, cfg, dims.pp_rank, dims.pp_group, dims.device)
     pm.specs = grad_specs(pm)

@@ -82,7 +82,9 @@ def _register_router_weights(model: nn.Module) -> None:
         register_external_parameter(layer, layer.router.weight)
 
 
-def ds_config(pcfg, tcfg, grad_accum: int) -> dict:
+def ds_config(pcfg, tcfg, grad_accum: int, bf16: bool = False) -> dict:
+    """DeepSpeed's config for this layout; `bf16` turns on its bf16 section (bf16 weights for
+    compute, fp32 master weights and optimizer state in the ZeRO optimizer)."""
     stage = pcfg.stage
     zero = {"stage": stage, "contiguous_gradients": True, "overlap_comm": False,
             "reduce_scatter": True}
@@ -94,11 +96,13 @@ def ds_config(pcfg, tcfg, grad_accum: int) -> dict:
         "zero_allow_untested_optimizer": True,  # torch AdamW, the same optimizer as elsewhere
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "bf16": {"enabled": bf16},
     }
 
 
-def initialize(model: nn.Module, dims, pcfg, tcfg, grad_accum: int):
-    """(engine, the torch AdamW it steps) for `model` on this layout."""
+def initialize(model: nn.Module, dims, pcfg, tcfg, grad_accum: int, bf16: bool = False):
+    """(engine, the torch AdamW it steps) for `model` on this layout; `bf16` as in
+    `ds_config` (`mmfm.parallel.api.bf16_weights` decides: bf16 runs on CUDA)."""
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -118,7 +122,7 @@ def initialize(model: nn.Module, dims, pcfg, tcfg, grad_accum: int):
     if pcfg.stage == 3:
         _register_router_weights(model)
     engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer,
-                                           config=ds_config(pcfg, tcfg, grad_accum),
+                                           config=ds_config(pcfg, tcfg, grad_accum, bf16),
                                            dist_init_required=False)
     assert dist.get_world_size() == dims.dp, "deepspeed layouts are dp (× ep) only"
     return engine, optimizer

@@ -59,6 +59,7 @@ class StageModule(nn.Module):
         self.cfg = decoder.cfg
         self.first, self.last = first, last
         self.layer_ids = list(layers)
+        self.attention = decoder.cfg.attention  # the form of the document mask the blocks take
         self.embed = decoder.embed if first else None
         self.blocks = nn.ModuleDict({str(i): decoder.blocks[i] for i in layers})
         self.norm = decoder.norm if last else None
@@ -72,7 +73,7 @@ class StageModule(nn.Module):
         h_BTD = self.embed(x) if self.first else x
         T = h_BTD.shape[1]
         cos, sin = rope_tables(self.cfg, self.rope_cos, self.rope_sin, T)
-        mask = _attention_mask(doc_ids)
+        mask = _attention_mask(doc_ids, self.attention)
         aux = h_BTD.new_zeros((), dtype=torch.float32)
         for block in self.blocks.values():
             h_BTD, block_aux = block(h_BTD, cos, sin, mask)

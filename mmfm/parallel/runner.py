@@ -56,7 +56,8 @@ class FixedBatchTask:
     def build_model(self) -> Decoder:
         return Decoder(self.model_cfg)
 
-    def train_loader(self, rank: int = 0, world_size: int = 1) -> FixedBatchLoader:
+    def train_loader(self, rank: int = 0, world_size: int = 1,
+                     pin_memory: bool = False) -> FixedBatchLoader:
         return FixedBatchLoader(self.batches, rank, world_size, self.grad_accum)
 
     def eval_batches(self) -> list[Batch]:

@@ -49,7 +49,8 @@ class MultimodalTask:
         return MultimodalModel(decoder, slots, {"image": ids[IMAGE], "audio": ids[AUDIO]},
                                grad_accum=self.cfg.train.grad_accum)
 
-    def train_loader(self, rank: int = 0, world_size: int = 1) -> MMLoader:
+    def train_loader(self, rank: int = 0, world_size: int = 1,
+                     pin_memory: bool = False) -> MMLoader:
         """The training loader, after checking the sources, tokenizer and validation data."""
         dcfg = self.cfg.data
         sources = [(name, s.train, s.weight) for name, s in self.mm.sources.items()]
@@ -57,7 +58,8 @@ class MultimodalTask:
             sources, dcfg.tokenizer, dcfg.seq_len, self.cfg.train.micro_batch_size,
             self.mm.encoders(), rank=rank, world_size=world_size, num_workers=dcfg.num_workers,
             seed=self.cfg.run.seed, shuffle_buffer=self.mm.shuffle_buffer, strict=self.mm.strict,
-            loss_on_markers=self.mm.loss_on_markers, vocab_size=self.cfg.model.vocab_size)
+            loss_on_markers=self.mm.loss_on_markers, vocab_size=self.cfg.model.vocab_size,
+            pin_memory=pin_memory)
         next(self._eval_iter(1), None)
         return self.loader
 

@@ -42,7 +42,8 @@ class StatefulLoader(Protocol):
 
 class Task(Protocol):
     def build_model(self) -> nn.Module: ...
-    def train_loader(self, rank: int = 0, world_size: int = 1) -> StatefulLoader: ...
+    def train_loader(self, rank: int = 0, world_size: int = 1,
+                     pin_memory: bool = False) -> StatefulLoader: ...
     def eval_batches(self) -> Iterable[Any]: ...
     def loss(self, model: nn.Module, batch: Any) -> LossOutput: ...
 
@@ -56,14 +57,17 @@ class TextTask:
     def build_model(self) -> nn.Module:
         return Decoder(self.cfg.model)
 
-    def train_loader(self, rank: int = 0, world_size: int = 1) -> TokenLoader:
+    def train_loader(self, rank: int = 0, world_size: int = 1,
+                     pin_memory: bool = False) -> TokenLoader:
         """The training loader, after checking every data input up front (shards exist, were
-        written with this tokenizer, fit the vocabulary), so no error waits for step 1000."""
+        written with this tokenizer, fit the vocabulary), so no error waits for step 1000.
+        `pin_memory`: batches in page-locked memory, for non-blocking copies to a GPU."""
         dcfg, vocab = self.cfg.data, self.cfg.model.vocab_size
         tokenizer_sha = tokenizer_fingerprint(load_tokenizer(dcfg.tokenizer))
         loader = TokenLoader(dcfg.train_shards, dcfg.seq_len, self.cfg.train.micro_batch_size,
                              rank=rank, world_size=world_size, num_workers=dcfg.num_workers,
-                             seed=self.cfg.run.seed, vocab_size=vocab, tokenizer_sha256=tokenizer_sha)
+                             seed=self.cfg.run.seed, vocab_size=vocab, tokenizer_sha256=tokenizer_sha,
+                             pin_memory=pin_memory)
         next(iter_eval_batches(dcfg.val_shards, dcfg.seq_len, 1, 1, vocab), None)
         return loader
 

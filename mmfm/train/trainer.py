@@ -16,7 +16,7 @@ checkpoints and exact resume (model, optimizer, scheduler, loader position and R
 from __future__ import annotations
 
 import base64
-import contextlib
+import os
 import random
 import time
 import warnings
@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mmfm.config import ConfigError, ExperimentConfig, save_config
+from mmfm.device import autocast_context, move_batch, resolve_run
 from mmfm.errors import UserValueError
 from mmfm.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, collect_moe_metrics
 from mmfm.model import IGNORE_INDEX
@@ -58,13 +59,6 @@ class TrainResult:
     train_losses: dict[int, float]  # step -> loss of that step (every step, for resume checks)
     val_loss: float | None
     checkpoint: Path | None
-
-
-def autocast_context(precision: str):
-    """bf16 autocast on CPU (matrix work runs ~5x faster than fp32 here) or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def merge_task_metrics(per_micro_batch: list[dict[str, float]]) -> dict[str, float]:
@@ -100,6 +94,11 @@ def moe_summaries(per_layer: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def local_rank() -> int:
+    """This process's index on its node (torchrun's LOCAL_RANK; 0 without a launcher)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def start_process_group(cfg: ExperimentConfig) -> tuple[int, int]:
     """Validate the layout against the launched world size, then join (or, for one process
     started without torchrun, create) the default process group. Returns (rank, world)."""
@@ -120,11 +119,15 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = cfg.run.dir
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.device, self.precision = resolve_run(cfg.train, local_rank())
         rank, world = start_process_group(cfg)
         self.watchdog = None
         if world > 1 and cfg.parallel.rank_timeout_s > 0:
             self.watchdog = RankWatchdog(rank, world, cfg.parallel.rank_timeout_s).start()
-        self.dims: ParallelDims = build_dims(cfg.parallel)
+        self.dims: ParallelDims = build_dims(cfg.parallel, self.device)
+        if self.dims.is_logging_rank and show_progress is not False:
+            print(f"device {self.device}, precision {self.precision.name}: "
+                  f"{self.precision.reason}", flush=True)
         checkpoint = self._find_checkpoint(resume, resume_from)
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
@@ -135,10 +138,11 @@ class Trainer:
             checkpoint.load_model(model)
         elif checkpoint is None and cfg.train.init_from:
             load_weights(model, Path(cfg.train.init_from))
-        self.pm: ParallelModel = parallelize(model, self.dims, cfg.parallel)
+        self.pm: ParallelModel = parallelize(model, self.dims, cfg.parallel, self.precision)
         self.optimizer = self.pm.build_optimizer(cfg.train, grad_accum=cfg.train.grad_accum)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.loader = self.task.train_loader(self.dims.dp_rank, self.dims.dp)
+        self.loader = self.task.train_loader(self.dims.dp_rank, self.dims.dp,
+                                             pin_memory=self.device.type == "cuda")
         self.step = 0
         self.clock = _Clock()
         if checkpoint is not None:
@@ -273,7 +277,8 @@ class Trainer:
                 elapsed = time.perf_counter() - started
                 self.clock.add(elapsed, time.process_time() - cpu_started)
                 interval.add(elapsed)
-                logger.progress(self.step, self.tokens_per_step / elapsed)
+                logger.progress(self.step, {"train/loss": record["train/loss"],
+                                            "perf/tokens_per_s": self.tokens_per_step / elapsed})
                 if self.step % tcfg.log_every == 0 or self.step == tcfg.steps:
                     record.update(self._perf(interval.take()))
                     record.update(self._moe_metrics())
@@ -312,10 +317,8 @@ class Trainer:
         LR schedule and the aux-loss-free bias update; statistics reduced over the ranks."""
         tcfg = self.cfg.train
         self.pm.train()
-        mine = [next(batches).to(self.dims.device, non_blocking=True)
-                for _ in range(tcfg.grad_accum)]
-        lm, aux, task_metrics = forward_backward(self.pm, mine, self.task,
-                                                 lambda: autocast_context(tcfg.precision))
+        mine = [move_batch(next(batches), self.device) for _ in range(tcfg.grad_accum)]
+        lm, aux, task_metrics = forward_backward(self.pm, mine, self.task, self._autocast)
         grad_norm = self.pm.step(self.optimizer, tcfg.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -323,6 +326,10 @@ class Trainer:
         lm, aux = reduce_stats(self.pm, [lm, aux])
         return {"train/loss": lm, "train/aux_loss": aux, "train/grad_norm": grad_norm,
                 "train/lr": lr, **self._merge_over_ranks(merge_task_metrics(task_metrics))}
+
+    def _autocast(self):
+        """Autocast of this run's precision on its device's type (nothing for fp32)."""
+        return autocast_context(self.precision, self.device)
 
     def _merge_over_ranks(self, merged: dict[str, float]) -> dict[str, float]:
         """A task's step metrics over the data-parallel ranks: counts add up, `loss/X` is
@@ -371,8 +378,8 @@ class Trainer:
         by_source = SourceLosses()
         by_position = None
         for batch in self.task.eval_batches():
-            batch = batch.to(self.dims.device, non_blocking=True)
-            with autocast_context(self.cfg.train.precision):
+            batch = move_batch(batch, self.device)
+            with self._autocast():
                 if self.dims.pp > 1:
                     loss, n = pipeline_eval_loss(self.pm, batch, self.cfg.data.document_mask)
                 else:
@@ -396,7 +403,7 @@ class Trainer:
         """Routing of the fixed sample batch at this step, into RUN/routing/train/."""
         from mmfm.report.capture import TRAIN_SAMPLES, record_routing, records_path
 
-        record_routing(self.model, self._routing_batch.to(self.dims.device), self.step,
+        record_routing(self.model, move_batch(self._routing_batch, self.device), self.step,
                        records_path(self.run_dir, TRAIN_SAMPLES, self.step),
                        document_mask=self.cfg.data.document_mask)
 
