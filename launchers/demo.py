@@ -25,6 +25,8 @@ TEXT_PRESET = ROOT / "configs" / "text_moe_tiny.yaml"
 MM_PRESET = ROOT / "configs" / "mm_moe_tiny.yaml"
 MM_RECIPE = ROOT / "configs" / "data" / "mm_demo.yaml"
 MM_STEPS = 60  # ~40 s on two idle cores; the loss falls from ~9 to ~4.5
+ANALYZE_TOKENS = 16384  # held-out tokens routed through each checkpoint for the report
+ROUTING_TRACE_EVERY = 25  # steps between routing samples taken while training
 GROUP_LABELS = {"text": "plain text", "image": "captions (after an image)",
                 "audio": "transcripts (after audio)"}
 
@@ -84,7 +86,8 @@ def text_job(out: Path, steps: int | None) -> list[Path]:
     tokenizer, shards = build_text_data(out)
     overrides = [f"run.out_dir={out}", "run.name=moe_tiny",
                  f"data.train_shards={shards / 'train'}", f"data.val_shards={shards / 'val'}",
-                 f"data.tokenizer={tokenizer}", *schedule_overrides(steps)]
+                 f"data.tokenizer={tokenizer}", f"metrics.routing_trace_every={ROUTING_TRACE_EVERY}",
+                 *schedule_overrides(steps)]
     moe_cfg = load_config(TEXT_PRESET, overrides)
     dense_cfg = load_config(TEXT_PRESET, overrides)
     dense_cfg.model = dense_equivalent(dense_cfg.model)
@@ -96,7 +99,30 @@ def text_job(out: Path, steps: int | None) -> list[Path]:
     for result in (moe_result, dense_result):
         log(f"run {result.run_dir}: checkpoint {result.checkpoint}, metrics "
             f"{result.run_dir / 'metrics.jsonl'}, config {result.run_dir / 'config.yaml'}")
+    reports(moe_result.run_dir, dense_result.run_dir)
     return [moe_result.run_dir, dense_result.run_dir]
+
+
+def reports(moe_run: Path, dense_run: Path) -> None:
+    """The third job: routing records of held-out tokens through the MoE run's checkpoints,
+    the routing report, and the MoE-vs-twin comparison; prints their paths and headlines."""
+    import json
+
+    from mmfm.report.capture import analyze_run
+    from mmfm.report.compare import compare_report
+    from mmfm.report.routing import routing_report
+    from mmfm.report.summary import compare_headlines, routing_headlines
+
+    started = time.perf_counter()
+    analyze_run(moe_run, ["all"], tokens=ANALYZE_TOKENS)
+    html, summary = routing_report(moe_run)
+    log(f"routing report: {html} ({time.perf_counter() - started:.0f}s)")
+    for line in routing_headlines(json.loads(summary.read_text())):
+        log(f"  {line}")
+    html, summary = compare_report([moe_run, dense_run])
+    log(f"comparison report: {html}")
+    for line in compare_headlines(json.loads(summary.read_text())):
+        log(f"  {line}")
 
 
 def schedule_overrides(steps: int | None) -> list[str]:

@@ -153,7 +153,8 @@ class Trainer:
         self.show_progress = show and self.is_main_process
         self.resumed = checkpoint is not None
         self._routing_batch = None
-        if cfg.metrics.routing_trace_every and self.is_main_process and self.dims.pp == 1:
+        if (cfg.metrics.routing_trace_every and cfg.model.moe is not None
+                and self.is_main_process and self.dims.pp == 1):
             from mmfm.report.capture import routing_sample_batch
 
             self._routing_batch = routing_sample_batch(self.task.eval_batches(),
