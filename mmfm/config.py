@@ -9,6 +9,7 @@ Configs hold plain values only: no process groups, devices or tensors.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,14 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"{path}: head_dim={self.head_dim} must be even for RoPE")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{path}.{name}={getattr(self, name)} must be > 0")
+        if self.moe is not None and self.moe.first_dense >= self.n_layers:
+            raise ConfigError(
+                f"{path}.moe.first_dense={self.moe.first_dense} leaves no MoE layer: it must be < "
+                f"{path}.n_layers={self.n_layers} (set {path}.moe=null for a dense model)"
+            )
         if self.moe is not None:
             try:
                 self.moe.validate(f"{path}.moe")
@@ -148,6 +157,11 @@ class TrainConfig:
             raise ConfigError(f"{path}.precision={self.precision!r} is not one of fp32, bf16")
         if self.grad_clip < 0:
             raise ConfigError(f"{path}.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{path}.weight_decay={self.weight_decay} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{path}.{name}={getattr(self, name)} must be in [0, 1)")
 
 
 @dataclass(kw_only=True)
@@ -178,6 +192,16 @@ class RunConfig:
     def dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
+    def validate(self, path: str = "run") -> None:
+        # The run folder is created, locked and (with an overwrite flag) replaced, so its name
+        # must stay inside out_dir: no absolute path, no `..`, not out_dir itself.
+        name = Path(self.name)
+        if not self.name or name.is_absolute() or ".." in name.parts or name.parts in ((), (".",)):
+            raise ConfigError(
+                f"{path}.name={self.name!r} must be a relative folder name inside "
+                f"{path}.out_dir={self.out_dir!r} (no absolute path, no '..')"
+            )
+
 
 @dataclass(kw_only=True)
 class ExperimentConfig:
@@ -193,6 +217,8 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         """Check every section and the rules that span sections, before any compute."""
+        refuse_non_finite(self)
+        self.run.validate()
         self.model.validate()
         self.data.validate()
         self.train.validate()
@@ -216,6 +242,21 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def refuse_non_finite(obj: Any, path: str = "") -> None:
+    """Refuse NaN and infinity in every float field of a (nested) config, naming the field.
+
+    The range checks of each section cannot see NaN (every comparison with it is False), so
+    this walk runs first and covers all sections, including ones added later."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            refuse_non_finite(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            refuse_non_finite(value, f"{path}.{key}")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ConfigError(f"{path}={obj} must be a finite number")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
