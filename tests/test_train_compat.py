@@ -82,6 +82,8 @@ def test_meta_needs_a_valid_step_and_hashes(meta, fragment):
 
 def test_good_meta_returns_the_step():
     assert check_meta({"step": 7, "sha256": {"model.safetensors": DIGEST, "state.pt": DIGEST}}, "c") == 7
+    model_dir = {"step": 0, "sha256": {"model.safetensors": DIGEST}}
+    assert check_meta(model_dir, "imported", required=("model.safetensors",)) == 0
 
 
 def test_step_is_checked_against_the_scheduler_state():

@@ -35,6 +35,7 @@ z-loss or sequence-level loss: export drops them (training-only), import sets th
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,8 @@ import torch
 from torch import Tensor
 
 from mmfm.config import ModelConfig
-from mmfm.errors import UserValueError
+from mmfm.convert.weights import read_shapes
+from mmfm.errors import MissingDependencyError, UserValueError
 from mmfm.model import Decoder
 from mmfm.moe import MoEConfig
 
@@ -93,8 +95,7 @@ def _common_hf_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 def to_hf_config(model_cfg: ModelConfig):
     """The transformers config of the same architecture: `MixtralConfig` for an MoE model,
     `LlamaConfig` for a dense one. Raises ValueError naming a field Mixtral cannot express."""
-    from transformers import LlamaConfig, MixtralConfig
-
+    LlamaConfig, MixtralConfig = _transformers("LlamaConfig", "MixtralConfig")
     model_cfg.validate()
     kwargs = _common_hf_kwargs(model_cfg)
     moe = model_cfg.moe
@@ -237,14 +238,14 @@ def _check_no_selection_bias(model: Decoder) -> None:
 
 def build_hf_model(model: Decoder, model_cfg: ModelConfig):
     """An in-memory transformers model (Mixtral or Llama) holding `model`'s weights."""
-    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM = _transformers("AutoModelForCausalLM")
 
     hf_cfg = to_hf_config(model_cfg)
     _check_no_selection_bias(model)
     dtype = model.embed.weight.dtype
     hf_cfg.dtype = dtype
     with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, trust_remote_code=False)
     state = {k: v.detach().clone() for k, v in to_hf_state_dict(model).items()}
     if model_cfg.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -278,8 +279,7 @@ def export_hf(model: Decoder, model_cfg: ModelConfig, out_dir: str | Path,
 def save_tokenizer(tokenizer_path: str | Path, out_dir: Path) -> dict[str, int]:
     """Save tokenizer.json + tokenizer_config.json loadable by `AutoTokenizer`; returns the
     ids of the end-of-text and padding tokens found in it."""
-    from transformers import PreTrainedTokenizerFast
-
+    PreTrainedTokenizerFast = _transformers("PreTrainedTokenizerFast")
     path = Path(tokenizer_path)
     if not path.is_file():
         raise UserValueError(f"tokenizer {path} does not exist")
@@ -324,10 +324,47 @@ def import_hf(hf_model_or_dir, max_seq_len: int | None = None) -> tuple[ModelCon
 
 
 def _load_hf_dir(path: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Load a local transformers directory without ever running its own code: `auto_map`
+    (which points transformers at Python files in the repository) is refused before
+    transformers reads the config, remote code is off, and nothing is downloaded."""
+    refuse_remote_code(path)
+    for weights in sorted(path.glob("*.safetensors")):
+        read_shapes(weights)  # a damaged header: one line naming the file
+    AutoConfig, AutoModelForCausalLM = _transformers("AutoConfig", "AutoModelForCausalLM")
+    offline = {"trust_remote_code": False, "local_files_only": True}
+    _check_hf_expressible(AutoConfig.from_pretrained(path, **offline))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                **offline)
 
-    if not (path / "config.json").is_file():
+
+def refuse_remote_code(path: Path) -> dict[str, Any]:
+    """Read `path/config.json` as plain JSON; refuse it when it is not a model config or names
+    repository code (`auto_map`). Returns the parsed config."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise UserValueError(f"{path} is not a Hugging Face model directory (no config.json)")
-    _check_hf_expressible(AutoConfig.from_pretrained(path))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    try:
+        data = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserValueError(f"{config_file} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise UserValueError(f"{config_file} must hold a JSON object")
+    if "auto_map" in data:
+        raise UserValueError(
+            f"{config_file}: config.auto_map={data['auto_map']!r} asks transformers to run the "
+            "repository's own Python code; mmfm import hf never runs it (only mixtral and llama "
+            "are imported, with transformers' built-in classes)")
+    return data
+
+
+def _transformers(*names: str):
+    """Classes from transformers, or a one-line MissingDependencyError when it is absent."""
+    try:
+        import transformers
+    except ImportError:
+        raise MissingDependencyError(
+            "this command needs the transformers package, which is not installed: "
+            "pip install 'transformers>=4.46'") from None
+    found = tuple(getattr(transformers, name) for name in names)
+    return found[0] if len(found) == 1 else found
 

@@ -77,8 +77,10 @@ def check_resume_config(saved: dict[str, Any] | None, current, checkpoint: str) 
                                  + "; ".join(diffs))
 
 
-def check_meta(meta: Any, checkpoint: str) -> int:
-    """Validate meta.json's step and hash table; return the step."""
+def check_meta(meta: Any, checkpoint: str, required: tuple[str, ...] = REQUIRED_FILES) -> int:
+    """Validate meta.json's step and hash table; return the step. A model directory (from
+    `mmfm import hf` or `mmfm upcycle`, used by train.init_from) passes
+    `required=("model.safetensors",)`: it has no trainer state."""
     if not isinstance(meta, dict):
         raise CheckpointMismatch(f"checkpoint {checkpoint}: meta.json is not a JSON object")
     step = meta.get("step")
@@ -89,7 +91,7 @@ def check_meta(meta: Any, checkpoint: str) -> int:
     if not isinstance(hashes, dict) or not hashes:
         raise CheckpointMismatch(f"checkpoint {checkpoint}: meta.json has no sha256 table; "
                                  "the files cannot be verified")
-    missing = [name for name in REQUIRED_FILES if name not in hashes]
+    missing = [name for name in required if name not in hashes]
     if missing:
         raise CheckpointMismatch(f"checkpoint {checkpoint}: meta.json sha256 lacks "
                                  f"{', '.join(missing)}")
