@@ -106,6 +106,9 @@ class DataConfig:
     num_workers: int = 0
     # Block-diagonal causal attention so packed documents never attend to each other.
     document_mask: bool = True
+    # Damaged shards and sample counts that differ from the index: stop naming shard and byte
+    # (strict) or skip, count and log (lenient, the default). Out-of-vocabulary ids always stop.
+    strict: bool = False
 
     def validate(self, path: str = "data") -> None:
         if self.kind not in DATA_KINDS:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfm.data.loader import Batch, TokenLoader, iter_eval_batches
+from mmfm.data.shards import check_disjoint_splits
 from mmfm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from mmfm.errors import UserValueError
 from mmfm.model import IGNORE_INDEX, Decoder
@@ -60,14 +61,17 @@ class TextTask:
         tokenizer_sha = tokenizer_fingerprint(load_tokenizer(dcfg.tokenizer))
         loader = TokenLoader(dcfg.train_shards, dcfg.seq_len, self.cfg.train.micro_batch_size,
                              rank=rank, world_size=world_size, num_workers=dcfg.num_workers,
-                             seed=self.cfg.run.seed, vocab_size=vocab, tokenizer_sha256=tokenizer_sha)
-        next(iter_eval_batches(dcfg.val_shards, dcfg.seq_len, 1, 1, vocab), None)
+                             seed=self.cfg.run.seed, vocab_size=vocab, tokenizer_sha256=tokenizer_sha,
+                             strict=dcfg.strict)
+        next(iter_eval_batches(dcfg.val_shards, dcfg.seq_len, 1, 1, vocab, strict=dcfg.strict), None)
+        check_disjoint_splits(dcfg.train_shards, dcfg.val_shards, "data.train_shards")
         return loader
 
     def eval_batches(self) -> Iterable[Batch]:
         dcfg = self.cfg.data
         return iter_eval_batches(dcfg.val_shards, dcfg.seq_len, self.cfg.train.micro_batch_size,
-                                 self.cfg.train.eval_batches, vocab_size=self.cfg.model.vocab_size)
+                                 self.cfg.train.eval_batches, vocab_size=self.cfg.model.vocab_size,
+                                 strict=dcfg.strict)
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         doc_ids = batch.doc_ids if self.cfg.data.document_mask else None
