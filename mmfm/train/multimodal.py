@@ -57,7 +57,8 @@ class MultimodalTask:
             sources, dcfg.tokenizer, dcfg.seq_len, self.cfg.train.micro_batch_size,
             self.mm.encoders(), rank=rank, world_size=world_size, num_workers=dcfg.num_workers,
             seed=self.cfg.run.seed, shuffle_buffer=self.mm.shuffle_buffer, strict=self.mm.strict,
-            loss_on_markers=self.mm.loss_on_markers, vocab_size=self.cfg.model.vocab_size)
+            loss_on_markers=self.mm.loss_on_markers, vocab_size=self.cfg.model.vocab_size,
+            max_image_pixels=self.mm.max_image_pixels)
         next(self._eval_iter(1), None)
         return self.loader
 
@@ -71,7 +72,8 @@ class MultimodalTask:
         return iter_mm_eval_batches(val, self.cfg.data.tokenizer, self.cfg.data.seq_len,
                                     self.cfg.train.micro_batch_size, self.mm.encoders(),
                                     max_batches, strict=self.mm.strict,
-                                    loss_on_markers=self.mm.loss_on_markers)
+                                    loss_on_markers=self.mm.loss_on_markers,
+                                    max_image_pixels=self.mm.max_image_pixels)
 
     def loss(self, model: nn.Module, batch: MMBatch) -> LossOutput:
         """Mean next-token loss over text targets, plus `loss/<group>` and `targets/<group>`
