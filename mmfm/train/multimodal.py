@@ -14,6 +14,7 @@ from torch import nn
 
 from mmfm.data.mm_loader import MMLoader, iter_mm_eval_batches
 from mmfm.data.mm_pack import IGNORE_INDEX, MMBatch
+from mmfm.data.shards import check_disjoint_splits
 from mmfm.data.tokenizer import AUDIO, IMAGE, load_tokenizer, special_token_ids
 from mmfm.encoders.config import MODALITIES
 from mmfm.encoders.projector import Projector
@@ -53,6 +54,9 @@ class MultimodalTask:
         """The training loader, after checking the sources, tokenizer and validation data."""
         dcfg = self.cfg.data
         sources = [(name, s.train, s.weight) for name, s in self.mm.sources.items()]
+        for name, src in self.mm.sources.items():
+            if src.val:
+                check_disjoint_splits(src.train, src.val, f"multimodal.sources.{name}")
         self.loader = MMLoader(
             sources, dcfg.tokenizer, dcfg.seq_len, self.cfg.train.micro_batch_size,
             self.mm.encoders(), rank=rank, world_size=world_size, num_workers=dcfg.num_workers,
