@@ -86,3 +86,11 @@ def test_impossible_sizes_are_refused_fast_with_the_estimate(override):
 def test_check_reads_the_host_memory_by_default():
     # The tiny default model fits any machine that can run the tests.
     assert check_fits_memory(ExperimentConfig()).total > 0
+
+
+def test_info_shows_the_estimate(capsys):
+    from mmfm.cli import main
+
+    assert main(["info", str(TINY), "model.vocab_size=1099511627776"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per process (estimate" in out and "params 1.05e+06 GiB" in out  # 2^40 x 256 x 4 bytes
