@@ -53,6 +53,7 @@ def eval_docs(shard_dir: Path, tokenizer: Path, strict: bool = False) -> int:
     return sum(int((b.labels != -100).sum()) > 0 for b in batches)
 
 
+@pytest.mark.slow
 def test_garbage_mid_tar_is_counted_lenient_and_named_strict(shard_dir, text_data, caplog):
     path = shard_dir / "mm-000000.tar"
     at = member_offset(path, 2 * 8)  # the json header of sample 9 (json + png per sample)
