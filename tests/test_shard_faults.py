@@ -217,3 +217,15 @@ def test_train_index_naming_validation_shards_is_refused(clean, tmp_path):
     os.symlink(shard_of(val), linked / shard_of(val).name)
     with pytest.raises(UserValueError, match="names validation shards"):
         check_disjoint_splits(linked, val)
+
+
+def test_text_task_refuses_validation_shards_as_training_data(text_data, tmp_path):
+    from conftest import tiny_config
+
+    from mmfm.train.task import TextTask
+
+    cfg = tiny_config(text_data, tmp_path, **{"data.val_shards": str(text_data["train"])})
+    with pytest.raises(UserValueError, match=r"data.train_shards: the train index in .* names "
+                                             r"validation shards"):
+        TextTask(cfg).train_loader()
+    TextTask(tiny_config(text_data, tmp_path)).train_loader()  # distinct splits: fine
