@@ -229,3 +229,24 @@ def test_text_task_refuses_validation_shards_as_training_data(text_data, tmp_pat
                                              r"validation shards"):
         TextTask(cfg).train_loader()
     TextTask(tiny_config(text_data, tmp_path)).train_loader()  # distinct splits: fine
+
+
+def test_text_task_reports_skipped_counts_as_metrics(text_data, tmp_path):
+    import torch
+    from conftest import tiny_config
+
+    from mmfm.train.task import TextTask
+
+    d = copy_dir(text_data["train"], tmp_path / "damaged")
+    for shard in read_index(d)["shards"]:  # damage every shard after half its samples
+        path = d / shard["name"]
+        at = member_offset(path, 2 * (shard["samples"] // 2))
+        data = bytearray(path.read_bytes())
+        data[at:at + 512] = b"\x13" * 512
+        path.write_bytes(bytes(data))
+    task = TextTask(tiny_config(text_data, tmp_path, **{"data.train_shards": str(d)}))
+    loader = task.train_loader()
+    with torch.no_grad():
+        out = task.loss(task.build_model(), next(loader))
+    assert set(out.metrics) == {"data/skipped_bad_shard", "data/skipped_index_mismatch_samples"}
+    assert out.metrics["data/skipped_bad_shard"] == 1.0

@@ -50,6 +50,7 @@ class TextTask:
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
+        self.loader: TokenLoader | None = None
 
     def build_model(self) -> nn.Module:
         return Decoder(self.cfg.model)
@@ -65,6 +66,7 @@ class TextTask:
                              strict=dcfg.strict)
         next(iter_eval_batches(dcfg.val_shards, dcfg.seq_len, 1, 1, vocab, strict=dcfg.strict), None)
         check_disjoint_splits(dcfg.train_shards, dcfg.val_shards, "data.train_shards")
+        self.loader = loader
         return loader
 
     def eval_batches(self) -> Iterable[Batch]:
@@ -77,7 +79,10 @@ class TextTask:
         doc_ids = batch.doc_ids if self.cfg.data.document_mask else None
         out = model(batch.input_ids, doc_ids, labels_BT=batch.labels)
         num_targets = int((batch.labels != IGNORE_INDEX).sum())
-        return LossOutput(out.lm_loss, out.aux_loss, num_targets)
+        # Damaged shards and samples missing against the index (lenient data.strict=false).
+        skipped = self.loader.skipped if self.loader is not None else {}
+        metrics = {f"data/skipped_{reason}": float(n) for reason, n in skipped.items()}
+        return LossOutput(out.lm_loss, out.aux_loss, num_targets, metrics)
 
 
 def _multimodal_task(cfg) -> Task:
