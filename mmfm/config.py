@@ -120,6 +120,33 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class GuardConfig:
+    """Thresholds of the numerics guard (`mmfm.train.guards.StepGuard`, whose docstring
+    gives the rules): skip non-finite and spiking steps, roll back, stop."""
+
+    window: int = 100  # good steps in the rolling loss statistics
+    min_history: int = 20  # good steps seen before spikes are detected at all
+    z_threshold: float = 6.0  # a loss this many stds above the rolling mean is a spike
+    min_rel_std: float = 0.05  # std floor, as a fraction of the mean
+    max_consecutive_bad: int = 5  # this many skipped steps in a row trigger a rollback
+    max_rollbacks: int = 3  # rollbacks allowed in one run before stopping
+    detect_spikes: bool = True
+
+    def validate(self, path: str = "train.guard") -> None:
+        for name in ("window", "min_history", "max_consecutive_bad"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{path}.{name}={getattr(self, name)} must be > 0")
+        if self.min_history > self.window:
+            raise ConfigError(f"{path}.min_history={self.min_history} exceeds {path}.window={self.window}")
+        for name in ("z_threshold", "min_rel_std"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{path}.{name}={value} must be a finite number > 0")
+        if self.max_rollbacks < 0:
+            raise ConfigError(f"{path}.max_rollbacks={self.max_rollbacks} must be >= 0")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """Optimizer, schedule, precision, evaluation and checkpoint cadence."""
 
@@ -142,6 +169,7 @@ class TrainConfig:
     # Start from these weights (a checkpoint or a folder with model.safetensors, e.g. from
     # `mmfm upcycle` or `mmfm import hf`); optimizer and data start fresh. Ignored on --resume.
     init_from: str | None = None
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def validate(self, path: str = "train") -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches",
@@ -162,6 +190,7 @@ class TrainConfig:
             raise ConfigError(f"{path}.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
         if self.weight_decay < 0:
             raise ConfigError(f"{path}.weight_decay={self.weight_decay} must be >= 0")
+        self.guard.validate(f"{path}.guard")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{path}.{name}={getattr(self, name)} must be in [0, 1)")

@@ -130,3 +130,17 @@ def test_guard_config_is_validated_by_name():
         GuardConfig(z_threshold=math.nan).validate()
     with pytest.raises(ConfigError, match=r"train.guard.min_history=200 exceeds"):
         GuardConfig(min_history=200).validate()
+
+
+def test_guard_is_a_train_config_section():
+    from pathlib import Path
+
+    from mmfm.config import load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "text_moe_tiny.yaml"
+    cfg = load_config(tiny, ["train.guard.max_rollbacks=1", "train.guard.window=50"])
+    assert StepGuard(cfg.train.guard).cfg.max_rollbacks == 1
+    with pytest.raises(ConfigError, match=r"train.guard.window=0 must be > 0"):
+        load_config(tiny, ["train.guard.window=0"])
+    with pytest.raises(ConfigError, match=r"train.guard.z_threshold=inf must be a finite number"):
+        load_config(tiny, ["train.guard.z_threshold=inf"])

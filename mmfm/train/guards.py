@@ -46,39 +46,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mmfm.config import GuardConfig
 from mmfm.errors import MmfmError
 
 
 class UnrecoverableTraining(MmfmError, RuntimeError):
     """Training went non-finite or kept spiking and rolling back did not (or cannot) help."""
-
-
-@dataclass(kw_only=True)
-class GuardConfig:
-    """Thresholds of `StepGuard` (see the module docstring for the rules)."""
-
-    window: int = 100  # good steps in the rolling loss statistics
-    min_history: int = 20  # good steps seen before spikes are detected at all
-    z_threshold: float = 6.0  # a loss this many stds above the rolling mean is a spike
-    min_rel_std: float = 0.05  # std floor, as a fraction of the mean
-    max_consecutive_bad: int = 5  # this many skipped steps in a row trigger a rollback
-    max_rollbacks: int = 3  # rollbacks allowed in one run before stopping
-    detect_spikes: bool = True
-
-    def validate(self, path: str = "train.guard") -> None:
-        from mmfm.config import ConfigError
-
-        for name in ("window", "min_history", "max_consecutive_bad"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{path}.{name}={getattr(self, name)} must be > 0")
-        if self.min_history > self.window:
-            raise ConfigError(f"{path}.min_history={self.min_history} exceeds {path}.window={self.window}")
-        for name in ("z_threshold", "min_rel_std"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{path}.{name}={value} must be a finite number > 0")
-        if self.max_rollbacks < 0:
-            raise ConfigError(f"{path}.max_rollbacks={self.max_rollbacks} must be >= 0")
 
 
 @dataclass(frozen=True)
