@@ -59,6 +59,15 @@ def test_dense_versus_moe_is_one_line_not_one_per_field():
     assert diffs == ["model.moe=set in the checkpoint, null here"]
 
 
+def test_multimodal_encoder_shapes_are_compared_but_data_settings_are_not():
+    mm = TINY.parent / "mm_moe_tiny.yaml"
+    before = load_config(mm).to_dict()
+    check_resume_config(before, load_config(mm, ["multimodal.shuffle_buffer=8",
+                                                 "multimodal.strict=true"]), "c")
+    diffs = config_differences(before, load_config(mm, ["multimodal.image.width=64"]).to_dict())
+    assert diffs == ["multimodal.image.width=128 in the checkpoint, 64 here"]
+
+
 def test_config_missing_from_meta_is_refused():
     with pytest.raises(CheckpointMismatch, match="has no saved config"):
         check_resume_config(None, load_config(TINY), "c")

@@ -19,11 +19,14 @@ from typing import Any
 
 from mmfm.errors import UserValueError
 
-# Config sections/fields whose values shape the weights or the optimizer state.
-COMPARED_SECTIONS = ("model",)
+# Config sections/fields whose values shape the weights or the optimizer state (the encoders
+# and projectors of a multimodal model are weights too).
+COMPARED_SECTIONS = ("model", "multimodal.image", "multimodal.audio", "multimodal.moe_routing",
+                     "multimodal.modality_experts")
 COMPARED_FIELDS = ("train.beta1", "train.beta2", "train.weight_decay", "data.kind")
-# Same weights, computed another way: free to differ on resume.
-COMPUTE_ONLY = frozenset({"model.fused_loss", "model.moe.backend"})
+# Same weights, computed another way, or used only before the first step: free to differ.
+COMPUTE_ONLY = frozenset({"model.fused_loss", "model.moe.backend",
+                          "multimodal.image.pretrained_path", "multimodal.audio.pretrained_path"})
 REQUIRED_FILES = ("model.safetensors", "state.pt")
 
 
@@ -116,7 +119,8 @@ def check_step_matches_state(meta_step: int, state: dict[str, Any], checkpoint: 
 def _compared(key: str) -> bool:
     if key in COMPUTE_ONLY:
         return False
-    return key.split(".", 1)[0] in COMPARED_SECTIONS or key in COMPARED_FIELDS
+    return key in COMPARED_FIELDS or any(key == s or key.startswith(s + ".")
+                                         for s in COMPARED_SECTIONS)
 
 
 def _same_number(a: Any, b: Any) -> bool:
