@@ -37,6 +37,7 @@ and the sequence continues exactly.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmfm.data.shards import iter_shard_docs, read_index
+from mmfm.data.tar_scan import ShardError
 from mmfm.errors import UserValueError
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # labels with this value have no target (torch cross_entropy default)
 STATE_VERSION = 2
@@ -125,6 +129,52 @@ def _check_vocab(index: dict[str, Any], vocab_size: int | None, shards_dir: Path
         )
 
 
+# ----------------------------------------------------------------------------- checked reads
+
+class OutOfVocabulary(ShardError):
+    """A token id outside the vocabulary of the shards' index: refused even when lenient."""
+
+
+def read_shard_checked(path: Path, expected: int, vocab_size: int, strict: bool,
+                       skipped: dict[str, int] | None, with_meta: bool = False) -> list:
+    """The token ids of every sample of one shard (with `with_meta`, (ids, metadata) pairs),
+    compared with the index's count.
+
+    Damage (a broken tar, a truncated file) and a count that differs from the index are
+    counted in `skipped` and logged (lenient) or raise ShardError naming the shard and byte
+    (strict). A token id outside [0, vocab_size) is always refused: it would index past the
+    embedding (or silently train on another token)."""
+    docs: list[np.ndarray] = []
+    try:
+        for key, ids, meta in iter_shard_docs(path):
+            _check_ids(ids, vocab_size, path, key)
+            docs.append((ids, meta) if with_meta else ids)
+    except ShardError as err:
+        if strict or isinstance(err, OutOfVocabulary):
+            raise
+        _count(skipped, "bad_shard", 1)
+        log.warning("%s; skipped the rest of the shard", err)
+    if len(docs) != expected:
+        message = f"shard {path}: read {len(docs)} samples but its index lists {expected}"
+        if strict:
+            raise ShardError(message)
+        _count(skipped, "index_mismatch_samples", abs(expected - len(docs)))
+        log.warning(message)
+    return docs
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int, path: Path, key: str) -> None:
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise OutOfVocabulary(f"shard {path}: sample {key!r} holds token id {bad}, outside the "
+                         f"vocabulary [0, {vocab_size}) of its index")
+
+
+def _count(skipped: dict[str, int] | None, reason: str, n: int) -> None:
+    if skipped is not None:
+        skipped[reason] = skipped.get(reason, 0) + n
+
+
 # ----------------------------------------------------------------------------- packing
 
 class _PackedStream:
@@ -136,9 +186,13 @@ class _PackedStream:
     def __init__(
         self, shards_dir: Path, names: list[str], seed: int, rank: int, world_size: int,
         worker: int, num_workers: int, row_len: int, position: dict[str, int] | None,
-        lane: int = 0, lanes: int = 1,
+        lane: int = 0, lanes: int = 1, checks: dict[str, Any] | None = None,
+        skipped: dict[str, int] | None = None,
     ) -> None:
         self.dir, self.names, self.seed, self.row_len = shards_dir, names, seed, row_len
+        # {"samples": per-shard counts from the index, "vocab_size", "strict"}; `skipped` is
+        # given to one lane only, as every lane reads the whole shard.
+        self.checks, self.skipped = checks, skipped
         self.split = (rank, world_size, worker, num_workers)
         self.lane, self.lanes = lane, lanes
         self._empty_epochs = 0  # epochs in a row that gave this lane no document
@@ -196,7 +250,10 @@ class _PackedStream:
 
     def _shard_docs(self, shard_index: int) -> list[np.ndarray]:
         if self._loaded != (self.epoch, self.shard):
-            stored = [ids for _, ids, _ in iter_shard_docs(self.dir / self.names[shard_index])]
+            c = self.checks
+            stored = read_shard_checked(self.dir / self.names[shard_index],
+                                        c["samples"][shard_index], c["vocab_size"], c["strict"],
+                                        self.skipped)
             order = _doc_order(len(stored), self.seed, self.epoch, shard_index)
             self._docs = [stored[i] for i in order[self.lane::self.lanes]]
             self._loaded = (self.epoch, self.shard)
@@ -227,14 +284,18 @@ class _PackedDataset(IterableDataset):
         worker = ((info.id if info else 0) + self.first_worker) % n
         c = self.cfg
         lanes = c["micro_batch_size"]
-        saved = (self.states[worker] or {}).get("lanes") or [None] * lanes
+        saved_state = self.states[worker] or {}
+        saved = saved_state.get("lanes") or [None] * lanes
+        skipped = dict(saved_state.get("skipped") or {})
         streams = [_PackedStream(c["dir"], c["names"], c["seed"], c["rank"], c["world_size"],
-                                 worker, n, c["seq_len"] + 1, saved[lane], lane, lanes)
+                                 worker, n, c["seq_len"] + 1, saved[lane], lane, lanes,
+                                 c["checks"], skipped if lane == 0 else None)
                    for lane in range(lanes)]
         while True:
             rows = [stream.next_row() for stream in streams]
             yield {**_rows_to_tensors(rows), "worker": worker,
-                   "state": {"lanes": [stream.position() for stream in streams]}}
+                   "state": {"lanes": [stream.position() for stream in streams],
+                             "skipped": dict(skipped)}}
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -258,9 +319,11 @@ class TokenLoader:
         seed: int = 0,
         vocab_size: int | None = None,
         tokenizer_sha256: str | None = None,
+        strict: bool = False,
         pin_memory: bool = False,
     ) -> None:
         self.dir = Path(shards_dir)
+        self.strict = strict
         self.index = read_index(self.dir)
         _check_vocab(self.index, vocab_size, self.dir)
         _check_tokenizer(self.index, tokenizer_sha256, self.dir)
@@ -296,7 +359,8 @@ class TokenLoader:
     def _reader_config(self) -> dict[str, Any]:
         return {"dir": self.dir, "names": self.names, "seed": self.seed, "rank": self.rank,
                 "world_size": self.world_size, "seq_len": self.seq_len,
-                "micro_batch_size": self.micro_batch_size}
+                "micro_batch_size": self.micro_batch_size,
+                "checks": _checks(self.index, self.strict)}
 
     def __iter__(self) -> TokenLoader:
         return self
@@ -319,6 +383,16 @@ class TokenLoader:
     def close(self) -> None:
         """Stop the worker processes (they restart on the next batch)."""
         self._it = None
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Damaged shards and samples missing against the index so far (lenient mode), summed
+        over this rank's workers: {"bad_shard": n, "index_mismatch_samples": m}."""
+        total: dict[str, int] = {}
+        for state in self._states:
+            for reason, n in (state or {}).get("skipped", {}).items():
+                total[reason] = total.get(reason, 0) + n
+        return total
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -351,6 +425,11 @@ class TokenLoader:
         self._next_worker = int(state["next_worker"])
 
 
+def _checks(index: dict[str, Any], strict: bool) -> dict[str, Any]:
+    return {"samples": [s["samples"] for s in index["shards"]], "vocab_size": index["vocab_size"],
+            "strict": strict}
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value <= 0:
@@ -371,30 +450,34 @@ def iter_eval_batches(
     micro_batch_size: int,
     max_batches: int | None = None,
     vocab_size: int | None = None,
+    strict: bool = False,
+    skipped: dict[str, int] | None = None,
 ) -> Iterator[Batch]:
     """Validation batches: every call yields the same batches in the same order.
 
     Shards in index order, documents in stored order, packed like training; the last row
     is padded with ``<|pad|>`` (labels -100, a doc id of its own) and the last batch may
     have fewer rows. Stops after `max_batches` or at the end of the data (no repeat).
+    Damage and count mismatches are counted in `skipped` (lenient) or raise (strict).
     """
     shards_dir = Path(shards_dir)
     index = read_index(shards_dir)  # checked now, not at the first next()
     _check_vocab(index, vocab_size, shards_dir)
     _check_positive(seq_len=seq_len, micro_batch_size=micro_batch_size)
-    return _eval_batches(shards_dir, index, seq_len, micro_batch_size, max_batches)
+    checks = {**_checks(index, strict), "skipped": skipped}
+    return _eval_batches(shards_dir, index, seq_len, micro_batch_size, max_batches, checks)
 
 
 def _eval_batches(
     shards_dir: Path, index: dict[str, Any], seq_len: int, micro_batch_size: int,
-    max_batches: int | None,
+    max_batches: int | None, checks: dict[str, Any],
 ) -> Iterator[Batch]:
     if max_batches is not None and max_batches <= 0:
         return
     sources = source_names(index)
     rows: list[_EvalRow] = []
     emitted = 0
-    for row in _eval_rows(shards_dir, index, seq_len + 1, sources):
+    for row in _eval_rows(shards_dir, index, seq_len + 1, checks, sources):
         rows.append(row)
         if len(rows) == micro_batch_size:
             yield _eval_batch(rows, sources)
@@ -418,12 +501,15 @@ def source_names(index: dict[str, Any]) -> tuple[str, ...]:
 _EvalRow = tuple[np.ndarray, np.ndarray, np.ndarray, int]
 
 
-def _eval_rows(shards_dir: Path, index: dict[str, Any], row_len: int,
+def _eval_rows(shards_dir: Path, index: dict[str, Any], row_len: int, checks: dict[str, Any],
                sources: tuple[str, ...]) -> Iterator[_EvalRow]:
     pieces: list[tuple[np.ndarray, int]] = []
     filled = 0
     for shard in index["shards"]:
-        for _, ids, meta in iter_shard_docs(shards_dir / shard["name"]):
+        docs = read_shard_checked(shards_dir / shard["name"], shard["samples"],
+                                  checks["vocab_size"], checks["strict"], checks["skipped"],
+                                  with_meta=True)
+        for ids, meta in docs:
             source = _source_index(meta, sources)
             offset = 0
             while offset < len(ids):

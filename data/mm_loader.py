@@ -36,6 +36,7 @@ is not a tar, are skipped and counted per reason (lenient) or stop the run with 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,8 +56,11 @@ from mmfm.data.mm_shards import (
     read_mm_index,
 )
 from mmfm.data.tokenizer import load_tokenizer
+from mmfm.encoders.media import DEFAULT_MAX_IMAGE_PIXELS
 from mmfm.encoders.registry import build_preprocessor
 from mmfm.errors import UserValueError
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 Ref = tuple[int, int, int]  # (epoch, shard cursor in that epoch's plan, sample index in shard)
@@ -75,11 +79,13 @@ class ShardSet:
     dir: Path
     shards: list[str]
     weight: float = 1.0
+    samples: list[int] | None = None  # per shard, from the index (None: not checked)
 
     @classmethod
     def open(cls, name: str, directory: str | Path, weight: float = 1.0) -> ShardSet:
         index = read_mm_index(directory)
-        return cls(name, Path(directory), [s["name"] for s in index["shards"]], weight)
+        return cls(name, Path(directory), [s["name"] for s in index["shards"]], weight,
+                   [s["samples"] for s in index["shards"]])
 
 
 class BadInputPolicy:
@@ -96,8 +102,20 @@ class BadInputPolicy:
 
     def shard(self, shard: Path, err: ShardError) -> None:
         if self.strict:
-            raise UserValueError(str(err)) from None
+            raise ShardError(str(err)) from None
         self.counts["bad_shard"] = self.counts.get("bad_shard", 0) + 1
+        log.warning("%s; skipped the rest of the shard", err)
+
+    def count(self, shard: Path, read: int, expected: int | None) -> None:
+        """Compare the samples read from a whole shard with its index's count."""
+        if expected is None or read == expected:
+            return
+        message = f"shard {shard}: read {read} samples but its index lists {expected}"
+        if self.strict:
+            raise ShardError(message)
+        self.counts["index_mismatch_samples"] = (self.counts.get("index_mismatch_samples", 0)
+                                                 + abs(expected - read))
+        log.warning(message)
 
 
 # ----------------------------------------------------------------------------- one source
@@ -162,10 +180,16 @@ class SourceReader:
         try:
             return next(self._it)
         except StopIteration:
+            self._count(shard, path)
             return None
         except ShardError as err:
             self.policy.shard(path, err)
+            self._count(shard, path)
             return None
+
+    def _count(self, shard: int, path: Path) -> None:
+        expected = self.src.samples[shard] if self.src.samples is not None else None
+        self.policy.count(path, self.index, expected)
 
     def shard_path(self, ref: Ref) -> Path:
         return self.src.dir / self.src.shards[self.plan(ref[0])[ref[1]]]
@@ -263,7 +287,7 @@ class ReaderPipeline:
 
     def _decode(self, s: int, ref: Ref, raw: RawSample) -> TokenizedDoc | None:
         try:
-            segments, _ = decode_document(raw)
+            segments, _ = decode_document(raw, self.spec["max_image_pixels"])
             return self.docs(segments)
         except SampleError as err:
             self.policy.sample(self.sources[s].reader.shard_path(ref), raw.key, err)
@@ -318,7 +342,8 @@ class MMLoader:
                  seq_len: int, micro_batch_size: int, encoders: dict[str, Any], *,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_buffer: int = 64, strict: bool = False, loss_on_markers: bool = False,
-                 vocab_size: int | None = None, pin_memory: bool = False) -> None:
+                 vocab_size: int | None = None, pin_memory: bool = False,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         if not sources:
             raise UserValueError("no multimodal sources: set multimodal.sources in the config")
         if not 0 <= rank < world_size or num_workers < 0 or min(seq_len, micro_batch_size,
@@ -335,6 +360,7 @@ class MMLoader:
                      "micro_batch_size": micro_batch_size, "encoders": dict(encoders),
                      "rank": rank, "world_size": world_size, "num_readers": self.num_readers,
                      "seed": seed, "shuffle_buffer": shuffle_buffer, "strict": strict,
+                     "max_image_pixels": max_image_pixels,
                      "loss_on_markers": loss_on_markers}
         self._states: list[dict[str, Any] | None] = [None] * self.num_readers
         self._next_worker = 0
@@ -405,7 +431,8 @@ def _check_vocab(tok, vocab_size: int | None, path) -> None:
 def iter_mm_eval_batches(sources: list[tuple[str, str | Path]], tokenizer: str | Path,
                          seq_len: int, micro_batch_size: int, encoders: dict[str, Any],
                          max_batches: int | None = None, strict: bool = False,
-                         loss_on_markers: bool = False) -> Iterator[MMBatch]:
+                         loss_on_markers: bool = False,
+                         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[MMBatch]:
     """Validation batches, the same on every call: documents round-robin over the sources,
     each source's shards in index order and samples in stored order, packed like training;
     the last row is padded and the last batch may be short. Stops at `max_batches` or the
@@ -413,7 +440,8 @@ def iter_mm_eval_batches(sources: list[tuple[str, str | Path]], tokenizer: str |
     pre = {m: build_preprocessor(c) for m, c in encoders.items()}
     docs = DocTokenizer(load_tokenizer(tokenizer), pre, seq_len + 1, loss_on_markers)
     policy = BadInputPolicy(strict)
-    stream = _round_robin([_sequential_docs(ShardSet.open(n, d), docs, policy) for n, d in sources])
+    stream = _round_robin([_sequential_docs(ShardSet.open(n, d), docs, policy, max_image_pixels)
+                           for n, d in sources])
     packer = Packer(seq_len + 1, docs.pad_id, lambda: next(stream, None))
     emitted = 0
     while max_batches is None or emitted < max_batches:
@@ -424,18 +452,21 @@ def iter_mm_eval_batches(sources: list[tuple[str, str | Path]], tokenizer: str |
         emitted += 1
 
 
-def _sequential_docs(src: ShardSet, docs: DocTokenizer,
-                     policy: BadInputPolicy) -> Iterator[TokenizedDoc]:
-    for name in src.shards:
+def _sequential_docs(src: ShardSet, docs: DocTokenizer, policy: BadInputPolicy,
+                     max_image_pixels: int) -> Iterator[TokenizedDoc]:
+    for i, name in enumerate(src.shards):
         path = src.dir / name
+        read = 0
         try:
             for raw in iter_raw_samples(path):
+                read += 1
                 try:
-                    yield docs(decode_document(raw)[0])
+                    yield docs(decode_document(raw, max_image_pixels)[0])
                 except SampleError as err:
                     policy.sample(path, raw.key, err)
         except ShardError as err:
             policy.shard(path, err)
+        policy.count(path, read, src.samples[i] if src.samples is not None else None)
 
 
 def _round_robin(streams: list[Iterator[TokenizedDoc]]) -> Iterator[TokenizedDoc]:

@@ -22,7 +22,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,14 @@ import numpy as np
 from PIL import Image
 
 from mmfm.data.shards import _write_json_atomic, load_index_json, validate_key
+from mmfm.data.tar_scan import ShardError as ShardError  # re-exported for the readers
+from mmfm.data.tar_scan import iter_tar_files, unsafe_member
 from mmfm.encoders.media import (
     AUDIO_EXTS,
+    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_EXTS,
     MediaError,
+    MediaTooLarge,
     Waveform,
     decode_audio,
     decode_image,
@@ -47,10 +51,6 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "mmfm-mm-shards"
 INDEX_VERSION = 1
 META_FIELDS = ("source", "license", "language", "origin")
-
-
-class ShardError(UserValueError):
-    """A shard that cannot be read as a tar (missing, not a tar, truncated)."""
 
 
 class SampleError(UserValueError):
@@ -67,6 +67,7 @@ class RawSample:
 
     key: str
     members: dict[str, bytes]
+    unsafe: list[str] = field(default_factory=list)  # member names with '..' or absolute paths
 
 
 # ----------------------------------------------------------------------------- writing
@@ -214,33 +215,36 @@ def read_mm_index(shards_dir: str | Path) -> dict[str, Any]:
 
 def iter_raw_samples(path: str | Path) -> Iterator[RawSample]:
     """Samples of one shard in stored order (members of a sample are adjacent in the tar).
-    Raises ShardError if the file is missing, not a tar, or breaks off mid-way (samples
-    before the damage are yielded first)."""
-    pending: dict[str, bytes] = {}
-    current: str | None = None
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
-                if key != current and current is not None:
-                    yield RawSample(current, pending)
-                    pending = {}
-                current = key
-                pending[ext] = tar.extractfile(member).read()
-    except (OSError, tarfile.TarError, EOFError) as err:
-        raise ShardError(f"shard {path} is not a readable tar ({type(err).__name__}: {err})") from None
+    Raises ShardError if the file is missing, not a tar, truncated, or damaged mid-way (the
+    complete samples before the damaged one are yielded first). Members named with '..' or an absolute path
+    are never used: they are listed in `RawSample.unsafe`, which refuses the sample."""
+    current: RawSample | None = None
+    # On damage the sample being read is dropped: its media may be what was cut. The index
+    # comparison of the readers counts it.
+    for name, data in iter_tar_files(path):
+        key, _, ext = name.replace("\\", "/").rpartition("/")[2].partition(".")
+        if current is not None and key != current.key:
+            yield current
+            current = None
+        current = current or RawSample(key, {})
+        if unsafe_member(name):
+            current.unsafe.append(name)
+        else:
+            current.members[ext] = data
     if current is not None:
-        yield RawSample(current, pending)
+        yield current
 
 
-def decode_document(raw: RawSample) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+def decode_document(raw: RawSample, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                    ) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
     """([(kind, value)] segments with media decoded, metadata) of one raw sample.
 
     Raises SampleError with reason bad_json, missing_member, unsupported_media,
-    corrupt_image, corrupt_audio or empty_document.
+    corrupt_image, corrupt_audio, image_too_large, unsafe_member or empty_document.
     """
+    if raw.unsafe:
+        raise SampleError("unsafe_member", f"member {raw.unsafe[0]!r} has an absolute path or "
+                                           "'..'; the sample is refused")
     meta = _parse_json(raw)
     segments: list[tuple[str, Any]] = []
     for i, seg in enumerate(meta.get("segments") or []):
@@ -248,7 +252,7 @@ def decode_document(raw: RawSample) -> tuple[list[tuple[str, Any]], dict[str, An
             if seg["text"]:
                 segments.append(("text", seg["text"]))
             continue
-        segments.append(_decode_segment(raw, i, seg))
+        segments.append(_decode_segment(raw, i, seg, max_image_pixels))
     if not segments:
         raise SampleError("empty_document", "the document has no text or media segments")
     return segments, {k: v for k, v in meta.items() if k != "segments"}
@@ -266,7 +270,7 @@ def _parse_json(raw: RawSample) -> dict[str, Any]:
     return meta
 
 
-def _decode_segment(raw: RawSample, i: int, seg: Any) -> tuple[str, Any]:
+def _decode_segment(raw: RawSample, i: int, seg: Any, max_pixels: int) -> tuple[str, Any]:
     kind = next((k for k in ("image", "audio") if isinstance(seg, dict) and k in seg), None)
     if kind is None:
         raise SampleError("unsupported_media", f"segment {i} ({str(seg)[:60]}) is not text, "
@@ -280,7 +284,9 @@ def _decode_segment(raw: RawSample, i: int, seg: Any) -> tuple[str, Any]:
                                             "which the sample does not hold")
     try:
         data = raw.members[member]
-        value = decode_image(data) if kind == "image" else decode_audio(data)
+        value = decode_image(data, max_pixels) if kind == "image" else decode_audio(data)
+    except MediaTooLarge as err:
+        raise SampleError("image_too_large", f"{raw.key}.{member}: {err}") from None
     except MediaError as err:
         raise SampleError(f"corrupt_{kind}", f"{raw.key}.{member}: {err}") from None
     return kind, value

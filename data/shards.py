@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mmfm.data.readers import Document
+from mmfm.data.tar_scan import ShardError, iter_tar_files, unsafe_member
 from mmfm.data.tokenizer import (
     EOS,
     PAD,
@@ -201,9 +201,39 @@ def load_index_json(path: Path, fmt: str, kind: str) -> dict[str, Any]:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserValueError(f"unreadable shard index {path}: {e}") from None
-    if index.get("format") != fmt or not index.get("shards"):
+    if not isinstance(index, dict) or index.get("format") != fmt or not index.get("shards"):
         raise UserValueError(f"{path} is not an mmfm {kind} shard index, or lists no shards")
+    for i, shard in enumerate(index["shards"]):
+        _check_index_entry(shard, i, path)
     return index
+
+
+def _check_index_entry(shard: Any, i: int, path: Path) -> None:
+    """A listed shard is a plain file name in the index's own folder, with a sample count:
+    an index naming `../other/shard.tar` or `/data/val/shard.tar` would read another split."""
+    name = shard.get("name") if isinstance(shard, dict) else None
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name \
+            or "\\" in name:
+        raise UserValueError(f"{path}: shards[{i}].name={name!r} must be a file name inside "
+                             f"{path.parent} (no folder, no '..')")
+    samples = shard.get("samples")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise UserValueError(f"{path}: shards[{i}].samples={samples!r} must be an integer >= 0")
+
+
+def check_disjoint_splits(train_dir: str | Path, val_dir: str | Path, what: str = "data") -> None:
+    """Refuse a train index whose shard files are also the validation shards (the same folder,
+    or the same files reached through links): validation loss would measure memorization."""
+    def files(d: str | Path) -> dict[Path, str]:
+        index = json.loads((Path(d) / INDEX_NAME).read_text(encoding="utf-8"))
+        return {(Path(d) / s["name"]).resolve(): s["name"] for s in index["shards"]}
+
+    train, val = files(train_dir), files(val_dir)
+    shared = sorted(train[p] for p in train.keys() & val.keys())
+    if shared:
+        raise UserValueError(f"{what}: the train index in {train_dir} names validation shards "
+                             f"of {val_dir} ({', '.join(shared[:3])}); train and validation "
+                             "must be different files")
 
 
 def read_index(shards_dir: str | Path) -> dict[str, Any]:
@@ -229,28 +259,41 @@ def iter_shard_docs(path: str | Path) -> Iterator[tuple[str, np.ndarray, dict[st
     """``(key, int32 ids, metadata)`` for each sample of one shard, in stored order.
 
     Reads the tar directly (members of one sample are adjacent), which is all the loader
-    needs and keeps its position exact; any WebDataset reader sees the same samples.
+    needs and keeps its position exact; any WebDataset reader sees the same samples. A damaged,
+    truncated or non-tar file, or a member named with ``..`` or an absolute path, raises
+    ShardError naming the shard (and byte) after the samples before it.
     """
     pending: dict[str, Any] = {}
     current: str | None = None
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
+    try:
+        for name, data in iter_tar_files(path):
+            if unsafe_member(name):
+                raise ShardError(f"shard {path}: member {name!r} has an absolute path or '..'")
+            key, _, ext = name.rpartition("/")[2].partition(".")
             if key != current and current is not None:
                 yield _sample(current, pending, path)
                 pending = {}
             current = key
-            data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            pending[ext] = np.load(io.BytesIO(data)) if ext == TOKENS_EXT else json.loads(data)
+            pending[ext] = _decode_member(ext, data, path, key)
+    except ShardError:
+        if current is not None and TOKENS_EXT in pending:  # complete before the damage
+            yield _sample(current, pending, path)
+        raise
     if current is not None:
         yield _sample(current, pending, path)
+
+
+def _decode_member(ext: str, data: bytes, path: str | Path, key: str) -> Any:
+    try:
+        return np.load(io.BytesIO(data)) if ext == TOKENS_EXT else json.loads(data)
+    except (ValueError, OSError, EOFError):  # np.load / json: garbage member bytes
+        raise ShardError(f"shard {path}: sample {key!r} member {ext} is not valid "
+                         f"{'npy' if ext == TOKENS_EXT else 'JSON'}") from None
 
 
 def _sample(
     key: str, parts: dict[str, Any], path: str | Path
 ) -> tuple[str, np.ndarray, dict[str, Any]]:
     if TOKENS_EXT not in parts:
-        raise UserValueError(f"shard {path}: sample {key!r} has no {TOKENS_EXT} member")
+        raise ShardError(f"shard {path}: sample {key!r} has no {TOKENS_EXT} member")
     return key, parts[TOKENS_EXT].astype(np.int32, copy=False), parts.get(META_EXT, {})

@@ -95,6 +95,9 @@ class MultimodalConfig:
     audio: EncoderConfig | None = field(default_factory=lambda: EncoderConfig(kind="whisper"))
     shuffle_buffer: int = 64  # documents held per source for shuffling (1 = no shuffle)
     strict: bool = False  # stop on a bad sample (naming shard and key) instead of skipping it
+    # Images over this many pixels are skipped and counted (image_too_large) before decoding;
+    # the default 2^23 keeps one decode under ~100 MB (see mmfm.encoders.media).
+    max_image_pixels: int = 2**23
     # Loss on text targets only (default), or also on <|image_start|>/<|image_end|>-style markers.
     loss_on_markers: bool = False
     # MoE routing: one router over all tokens (shared) or modality expert groups (MoMa).
@@ -114,6 +117,7 @@ class MultimodalConfig:
                                  f"not {modality}")
         self._validate_sources(path)
         _positive(f"{path}.shuffle_buffer", self.shuffle_buffer)
+        _positive(f"{path}.max_image_pixels", self.max_image_pixels)
         _choice(f"{path}.moe_routing", self.moe_routing, ROUTING_MODES)
         if exp is not None:
             self._validate_routing(path, exp.model)

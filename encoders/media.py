@@ -10,6 +10,7 @@ the loader can skip-and-count or stop naming the shard and key.
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +25,18 @@ AUDIO_EXTS = ("flac", "wav", "ogg")
 MODALITY_IDS = {name: i for i, name in enumerate(MODALITIES)}  # text 0, image 1, audio 2
 
 
+# One image decode stays under ~100 MB: the worst path (RGBA with transparency composited onto
+# a white RGBA canvas, then an RGB copy) holds 4 + 4 + 3 bytes per pixel, so 2^23 pixels
+# (8.4 MP, e.g. 4096 x 2048) is ~92 MB. Pillow's own bomb guard starts at ~89 MP.
+DEFAULT_MAX_IMAGE_PIXELS = 2**23
+
+
 class MediaError(UserValueError):
     """A media member that cannot be decoded (truncated, corrupt, unsupported, empty)."""
+
+
+class MediaTooLarge(MediaError):
+    """An image over the pixel budget: skipped before it is decoded."""
 
 
 @dataclass
@@ -50,12 +61,20 @@ def media_kind(ext: str) -> str | None:
     return None
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes of a PNG/JPEG/WebP -> fully decoded RGB image (MediaError if it is not one)."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Bytes of a PNG/JPEG/WebP -> fully decoded RGB image (MediaError if it is not one).
+    The size is read from the header first: over `max_pixels` raises MediaTooLarge without
+    decoding (a 20000 x 20000 PNG of a few KB would otherwise take minutes and gigabytes)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise MediaTooLarge(f"image of {width} x {height} pixels is over the budget of "
+                                    f"{max_pixels} pixels (multimodal.max_image_pixels)")
             img.load()  # decode now: a truncated file fails here, not later in a worker
             return to_rgb(img)
+    except MediaTooLarge:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise MediaError(f"undecodable image ({type(err).__name__}: {err})") from None
 
@@ -74,12 +93,36 @@ def decode_audio(data: bytes) -> Waveform:
     import soundfile as sf
 
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            claimed = f.frames
+            samples = f.read(dtype="float32", always_2d=True)
+            rate = f.samplerate
     except (RuntimeError, ValueError, TypeError, sf.LibsndfileError) as err:
         raise MediaError(f"undecodable audio ({type(err).__name__}: {err})") from None
     if samples.shape[0] == 0:
         raise MediaError("audio has no samples")
+    # libsndfile trims a WAV's frame count to the bytes present, so read its header ourselves.
+    claimed = max(claimed, wav_declared_frames(data) or 0)
+    if samples.shape[0] < claimed:
+        raise MediaError(f"audio is shorter than its header claims ({samples.shape[0]} of "
+                         f"{claimed} frames: truncated)")
     return Waveform(samples.mean(axis=1).astype(np.float32), int(rate))
+
+
+def wav_declared_frames(data: bytes) -> int | None:
+    """Frames a RIFF/WAVE header declares (data chunk size / block align), None if `data` is
+    not a WAV or the header is incomplete. Walks the chunks as the RIFF format lays them out."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    offset, block_align = 12, None
+    while offset + 8 <= len(data):
+        chunk, size = data[offset:offset + 4], struct.unpack("<I", data[offset + 4:offset + 8])[0]
+        if chunk == b"fmt " and offset + 22 <= len(data):
+            block_align = struct.unpack("<H", data[offset + 20:offset + 22])[0]
+        if chunk == b"data":
+            return size // block_align if block_align else None
+        offset += 8 + size + (size & 1)  # chunks are padded to an even size
+    return None
 
 
 def encode_png(img: Image.Image | np.ndarray) -> bytes:

@@ -9,6 +9,7 @@ Configs hold plain values only: no process groups, devices or tensors.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,14 @@ class ModelConfig:
             except ValueError as err:
                 raise ConfigError(str(err)) from None
         self._validate_attention(path)
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{path}.{name}={getattr(self, name)} must be > 0")
+        if self.moe is not None and self.moe.first_dense >= self.n_layers:
+            raise ConfigError(
+                f"{path}.moe.first_dense={self.moe.first_dense} leaves no MoE layer: it must be < "
+                f"{path}.n_layers={self.n_layers} (set {path}.moe=null for a dense model)"
+            )
         if self.moe is not None:
             try:
                 self.moe.validate(f"{path}.moe")
@@ -125,6 +134,9 @@ class DataConfig:
     num_workers: int = 0
     # Block-diagonal causal attention so packed documents never attend to each other.
     document_mask: bool = True
+    # Damaged shards and sample counts that differ from the index: stop naming shard and byte
+    # (strict) or skip, count and log (lenient, the default). Out-of-vocabulary ids always stop.
+    strict: bool = False
 
     def validate(self, path: str = "data") -> None:
         if self.kind not in DATA_KINDS:
@@ -133,6 +145,33 @@ class DataConfig:
             raise ConfigError(f"{path}.seq_len={self.seq_len} must be > 0")
         if self.num_workers < 0:
             raise ConfigError(f"{path}.num_workers={self.num_workers} must be >= 0")
+
+
+@dataclass(kw_only=True)
+class GuardConfig:
+    """Thresholds of the numerics guard (`mmfm.train.guards.StepGuard`, whose docstring
+    gives the rules): skip non-finite and spiking steps, roll back, stop."""
+
+    window: int = 100  # good steps in the rolling loss statistics
+    min_history: int = 20  # good steps seen before spikes are detected at all
+    z_threshold: float = 6.0  # a loss this many stds above the rolling mean is a spike
+    min_rel_std: float = 0.05  # std floor, as a fraction of the mean
+    max_consecutive_bad: int = 5  # this many skipped steps in a row trigger a rollback
+    max_rollbacks: int = 3  # rollbacks allowed in one run before stopping
+    detect_spikes: bool = True
+
+    def validate(self, path: str = "train.guard") -> None:
+        for name in ("window", "min_history", "max_consecutive_bad"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{path}.{name}={getattr(self, name)} must be > 0")
+        if self.min_history > self.window:
+            raise ConfigError(f"{path}.min_history={self.min_history} exceeds {path}.window={self.window}")
+        for name in ("z_threshold", "min_rel_std"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{path}.{name}={value} must be a finite number > 0")
+        if self.max_rollbacks < 0:
+            raise ConfigError(f"{path}.max_rollbacks={self.max_rollbacks} must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -162,6 +201,7 @@ class TrainConfig:
     # Start from these weights (a checkpoint or a folder with model.safetensors, e.g. from
     # `mmfm upcycle` or `mmfm import hf`); optimizer and data start fresh. Ignored on --resume.
     init_from: str | None = None
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def validate(self, path: str = "train") -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches",
@@ -186,6 +226,12 @@ class TrainConfig:
                               f"but {path}.device=cpu; use {path}.precision=auto")
         if self.grad_clip < 0:
             raise ConfigError(f"{path}.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{path}.weight_decay={self.weight_decay} must be >= 0")
+        self.guard.validate(f"{path}.guard")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{path}.{name}={getattr(self, name)} must be in [0, 1)")
 
 
 @dataclass(kw_only=True)
@@ -225,6 +271,16 @@ class RunConfig:
     def dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
+    def validate(self, path: str = "run") -> None:
+        # The run folder is created, locked and (with an overwrite flag) replaced, so its name
+        # must stay inside out_dir: no absolute path, no `..`, not out_dir itself.
+        name = Path(self.name)
+        if not self.name or name.is_absolute() or ".." in name.parts or name.parts in ((), (".",)):
+            raise ConfigError(
+                f"{path}.name={self.name!r} must be a relative folder name inside "
+                f"{path}.out_dir={self.out_dir!r} (no absolute path, no '..')"
+            )
+
 
 @dataclass(kw_only=True)
 class ExperimentConfig:
@@ -240,6 +296,8 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         """Check every section and the rules that span sections, before any compute."""
+        refuse_non_finite(self)
+        self.run.validate()
         self.model.validate()
         self.data.validate()
         self.train.validate()
@@ -284,6 +342,21 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def refuse_non_finite(obj: Any, path: str = "") -> None:
+    """Refuse NaN and infinity in every float field of a (nested) config, naming the field.
+
+    The range checks of each section cannot see NaN (every comparison with it is False), so
+    this walk runs first and covers all sections, including ones added later."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            refuse_non_finite(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            refuse_non_finite(value, f"{path}.{key}")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ConfigError(f"{path}={obj} must be a finite number")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

@@ -36,13 +36,13 @@ import browser  # noqa: E402
 @pytest.fixture(scope="module")
 def runs(text_data, tmp_path_factory) -> dict[str, Path]:
     """A tiny MoE run with two checkpoints and its dense twin, trained on the same tokens."""
-    from mmfm.train.trainer import build_trainer
+    from mmfm.train.trainer import Trainer
 
     root = tmp_path_factory.mktemp("runs")
     common = {"train.steps": 4, "train.eval_every": 2, "train.ckpt_every": 2,
               "train.keep_checkpoints": 5}
     for name, extra in (("moe", {}), ("dense", {"model.moe": "null"})):
-        build_trainer(tiny_config(text_data, root, **{"run.name": name, **common, **extra})).fit()
+        Trainer(tiny_config(text_data, root, **{"run.name": name, **common, **extra})).fit()
     return {"moe": root / "moe", "dense": root / "dense"}
 
 

@@ -33,8 +33,10 @@ the Hub look like. `trust_remote_code` is never set: only classes shipped in tra
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,7 +50,8 @@ from mmfm.convert.hf_families import (  # noqa: F401  (re-exported: the public c
     from_hf_config,
     to_hf_config,
 )
-from mmfm.errors import UserValueError
+from mmfm.convert.weights import read_shapes
+from mmfm.errors import MissingDependencyError, UserValueError
 from mmfm.model import Decoder
 
 _ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
@@ -156,8 +159,7 @@ def _check_no_selection_bias(model: Decoder, family: str) -> None:
 
 def build_hf_model(model: Decoder, model_cfg: ModelConfig):
     """An in-memory transformers model (family per `export_family`) holding `model`'s weights."""
-    from transformers import AutoModelForCausalLM
-
+    AutoModelForCausalLM = _transformers("AutoModelForCausalLM")
     hf_cfg = to_hf_config(model_cfg)
     family = hf_cfg.model_type
     _check_no_selection_bias(model, family)
@@ -198,8 +200,7 @@ def export_hf(model: Decoder, model_cfg: ModelConfig, out_dir: str | Path,
 def save_tokenizer(tokenizer_path: str | Path, out_dir: Path) -> dict[str, int]:
     """Save tokenizer.json + tokenizer_config.json loadable by `AutoTokenizer`; returns the
     ids of the end-of-text and padding tokens found in it."""
-    from transformers import PreTrainedTokenizerFast
-
+    PreTrainedTokenizerFast = _transformers("PreTrainedTokenizerFast")
     path = Path(tokenizer_path)
     if not path.is_file():
         raise UserValueError(f"tokenizer {path} does not exist")
@@ -245,11 +246,46 @@ def import_hf(hf_model_or_dir, max_seq_len: int | None = None) -> tuple[ModelCon
 
 
 def _load_hf_dir(path: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Load a local transformers directory without ever running its own code: `auto_map`
+    (which points transformers at Python files in the repository) is refused before
+    transformers reads the config, remote code is off, and nothing is downloaded."""
+    refuse_remote_code(path)
+    for weights in sorted(path.glob("*.safetensors")):
+        read_shapes(weights)  # a damaged header: one line naming the file
+    AutoConfig, AutoModelForCausalLM = _transformers("AutoConfig", "AutoModelForCausalLM")
+    offline = {"trust_remote_code": False, "local_files_only": True}
+    check_importable(AutoConfig.from_pretrained(path, **offline))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                **offline)
 
-    if not (path / "config.json").is_file():
+
+def refuse_remote_code(path: Path) -> dict[str, Any]:
+    """Read `path/config.json` as plain JSON; refuse it when it is not a model config or names
+    repository code (`auto_map`). Returns the parsed config."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise UserValueError(f"{path} is not a Hugging Face model directory (no config.json)")
-    check_importable(AutoConfig.from_pretrained(path, trust_remote_code=False))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                trust_remote_code=False)
+    try:
+        data = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserValueError(f"{config_file} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise UserValueError(f"{config_file} must hold a JSON object")
+    if "auto_map" in data:
+        raise UserValueError(
+            f"{config_file}: config.auto_map={data['auto_map']!r} asks transformers to run the "
+            "repository's own Python code; mmfm import hf never runs it (only the families "
+            "built into transformers are imported, with its own classes)")
+    return data
 
+
+def _transformers(*names: str):
+    """Classes from transformers, or a one-line MissingDependencyError when it is absent."""
+    try:
+        import transformers
+    except ImportError:
+        raise MissingDependencyError(
+            "this command needs the transformers package, which is not installed: "
+            "pip install 'transformers>=4.46'") from None
+    found = tuple(getattr(transformers, name) for name in names)
+    return found[0] if len(found) == 1 else found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mmfm.model.counting import count_params, dense_equivalent, flops_per_token
+from mmfm.model.memory import estimate_memory
 
 CONVENTION = ("FLOPs/token = 6*N + 12*L*D*T (PaLM convention; N = active matmul weights incl. "
               "LM head, attention term without causal discount)")
@@ -23,6 +24,8 @@ def describe(cfg) -> str:
     lines = [f"{cfg.run.name}: {kind}, {m.n_layers} layers, d_model={m.d_model}, "
              f"heads={m.n_heads}/{m.n_kv_heads} kv, ffn_hidden={m.ffn_hidden}"]
     lines += _summary(m, cfg.data.seq_len)
+    lines.append(f"  memory per process (estimate, see mmfm.model.memory): "
+                 f"{estimate_memory(cfg).describe()}")
     if m.moe is not None:
         twin = dense_equivalent(m)
         ratio = count_params(twin).active / count_params(m).active

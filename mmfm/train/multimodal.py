@@ -14,6 +14,7 @@ from torch import nn
 
 from mmfm.data.mm_loader import MMLoader, iter_mm_eval_batches
 from mmfm.data.mm_pack import IGNORE_INDEX, MMBatch
+from mmfm.data.shards import check_disjoint_splits
 from mmfm.data.tokenizer import AUDIO, IMAGE, load_tokenizer, special_token_ids
 from mmfm.encoders.config import MODALITIES
 from mmfm.encoders.projector import Projector
@@ -54,12 +55,15 @@ class MultimodalTask:
         """The training loader, after checking the sources, tokenizer and validation data."""
         dcfg = self.cfg.data
         sources = [(name, s.train, s.weight) for name, s in self.mm.sources.items()]
+        for name, src in self.mm.sources.items():
+            if src.val:
+                check_disjoint_splits(src.train, src.val, f"multimodal.sources.{name}")
         self.loader = MMLoader(
             sources, dcfg.tokenizer, dcfg.seq_len, self.cfg.train.micro_batch_size,
             self.mm.encoders(), rank=rank, world_size=world_size, num_workers=dcfg.num_workers,
             seed=self.cfg.run.seed, shuffle_buffer=self.mm.shuffle_buffer, strict=self.mm.strict,
             loss_on_markers=self.mm.loss_on_markers, vocab_size=self.cfg.model.vocab_size,
-            pin_memory=pin_memory)
+            pin_memory=pin_memory, max_image_pixels=self.mm.max_image_pixels)
         next(self._eval_iter(1), None)
         return self.loader
 
@@ -73,7 +77,8 @@ class MultimodalTask:
         return iter_mm_eval_batches(val, self.cfg.data.tokenizer, self.cfg.data.seq_len,
                                     self.cfg.train.micro_batch_size, self.mm.encoders(),
                                     max_batches, strict=self.mm.strict,
-                                    loss_on_markers=self.mm.loss_on_markers)
+                                    loss_on_markers=self.mm.loss_on_markers,
+                                    max_image_pixels=self.mm.max_image_pixels)
 
     def loss(self, model: nn.Module, batch: MMBatch) -> LossOutput:
         """Mean next-token loss over text targets, plus `loss/<group>` and `targets/<group>`

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfm.data.loader import Batch, TokenLoader, iter_eval_batches
+from mmfm.data.shards import check_disjoint_splits
 from mmfm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from mmfm.errors import UserValueError
 from mmfm.model import IGNORE_INDEX, Decoder
@@ -53,6 +54,7 @@ class TextTask:
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
+        self.loader: TokenLoader | None = None
 
     def build_model(self) -> nn.Module:
         return Decoder(self.cfg.model)
@@ -67,20 +69,27 @@ class TextTask:
         loader = TokenLoader(dcfg.train_shards, dcfg.seq_len, self.cfg.train.micro_batch_size,
                              rank=rank, world_size=world_size, num_workers=dcfg.num_workers,
                              seed=self.cfg.run.seed, vocab_size=vocab, tokenizer_sha256=tokenizer_sha,
-                             pin_memory=pin_memory)
-        next(iter_eval_batches(dcfg.val_shards, dcfg.seq_len, 1, 1, vocab), None)
+                             strict=dcfg.strict, pin_memory=pin_memory)
+        next(iter_eval_batches(dcfg.val_shards, dcfg.seq_len, 1, 1, vocab, strict=dcfg.strict), None)
+        check_disjoint_splits(dcfg.train_shards, dcfg.val_shards, "data.train_shards")
+        self.loader = loader
         return loader
 
     def eval_batches(self) -> Iterable[Batch]:
         dcfg = self.cfg.data
         return iter_eval_batches(dcfg.val_shards, dcfg.seq_len, self.cfg.train.micro_batch_size,
-                                 self.cfg.train.eval_batches, vocab_size=self.cfg.model.vocab_size)
+                                 self.cfg.train.eval_batches, vocab_size=self.cfg.model.vocab_size,
+                                 strict=dcfg.strict)
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         doc_ids = batch.doc_ids if self.cfg.data.document_mask else None
         out = model(batch.input_ids, doc_ids, labels_BT=batch.labels)
         num_targets = int((batch.labels != IGNORE_INDEX).sum())
-        return LossOutput(out.lm_loss, out.aux_loss, num_targets, token_loss_BT=out.token_loss_BT)
+        # Damaged shards and samples missing against the index (lenient data.strict=false).
+        skipped = self.loader.skipped if self.loader is not None else {}
+        metrics = {f"data/skipped_{reason}": float(n) for reason, n in skipped.items()}
+        return LossOutput(out.lm_loss, out.aux_loss, num_targets, metrics,
+                          token_loss_BT=out.token_loss_BT)
 
 
 def _multimodal_task(cfg) -> Task:
