@@ -214,7 +214,9 @@ def test_compare_report_moe_vs_dense(runs, tmp_path):
     if reason:
         pytest.skip(reason)
     seen = browser.check_page(html, tmp_path / "compare.png")
-    assert len(seen.images) == 3 and "Configurations" in seen.text
+    # loss against tokens, FLOPs and wall-clock, and per source once the trainer logs sources
+    assert len(seen.images) == html.read_text().count("<img") >= 3
+    assert "Configurations" in seen.text
 
 
 def test_compare_refuses_other_tokenizer_and_val_set(runs, tmp_path, text_data):
