@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from mmfm.cli_args import parse_args_anywhere
 from mmfm.config import ExperimentConfig, load_config
 from mmfm.errors import MmfmError
 
@@ -42,7 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmfm.train.trainer import Trainer
 
     cfg = _resolve(args)
-    trainer = Trainer(cfg, resume=args.resume, resume_from=args.resume_from)
+    trainer = Trainer(cfg, resume=args.resume, resume_from=args.resume_from,
+                      overwrite=args.overwrite, allow_fresh=args.allow_fresh)
     destroy_at_exit()
     result = trainer.fit()
     if not trainer.is_main_process:
@@ -72,7 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest checkpoint in the run directory")
-    train.add_argument("--resume-from", metavar="CKPT_DIR", help="continue from this checkpoint")
+    train.add_argument("--resume-from", metavar="CKPT_DIR", help="continue from this checkpoint "
+                       "(a newer branch of this run's lineage is kept aside, never resumed)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an existing run of the same run.name (without it a fresh "
+                            "run over an existing one is refused)")
+    train.add_argument("--allow-fresh", action="store_true",
+                       help="with --resume: start fresh when the run has no checkpoint yet "
+                            "(without it that is an error)")
     train.set_defaults(func=cmd_train)
 
     info = sub.add_parser("info", help="parameter and FLOP counts of a config",
@@ -101,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args_anywhere(build_parser(), argv)
     try:
         return int(args.func(args) or 0)
     except MmfmError as err:  # user errors: one line; anything else keeps its traceback

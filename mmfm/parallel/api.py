@@ -15,7 +15,7 @@ DeepSpeed engine, gradient specs). Meshes and groups come from `dims`, never fro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,17 +193,23 @@ class ParallelModel:
         else:
             loss.backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
-        """Reduce gradients, clip to `max_norm` (global norm), step; returns the norm."""
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float,
+             apply: Callable[[float], bool] | None = None) -> tuple[float, bool]:
+        """Reduce gradients, clip to `max_norm` (global norm) and step; returns (the norm
+        before clipping, whether the update was applied). `apply(norm)` may veto the update
+        (the numerics guard): the gradients are then discarded. DeepSpeed steps inside
+        `backward` at the accumulation boundary, so its updates cannot be vetoed."""
         if self.engine is not None:  # the boundary step ran in backward()
             _relink_deepspeed_optimizer_state(self.engine)
-            return float(self.engine.get_global_grad_norm() or 0.0)
+            return float(self.engine.get_global_grad_norm() or 0.0), True
         all_reduce_grads(self.specs)
         sync_tied_grads(self.specs, self.dims.tied_group)
         norm = clip_grads(self.specs, max_norm)
-        optimizer.step()
+        applied = apply is None or apply(norm)
+        if applied:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return norm
+        return norm, applied
 
     def update_moe_bias(self) -> None:
         """Aux-loss-free bias step with loads summed over the data-parallel ranks (tp ranks

@@ -182,7 +182,8 @@ def fixed_batch_trainer(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Bat
                                   micro_batch_size=rows_per_micro_batch),
         metrics=MetricsConfig(console=False), parallel=pcfg)
     task = FixedBatchTask(model_cfg, batches, tcfg.grad_accum)
-    return Trainer(cfg, resume_from=str(load_from) if load_from else None, task=task)
+    return Trainer(cfg, resume_from=str(load_from) if load_from else None, task=task,
+                   manage_run_dir=False)
 
 
 def distributed_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch],

@@ -181,23 +181,35 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def verify_checkpoint(path: Path) -> Checkpoint:
-    """Read meta.json and check every file's hash; raise CheckpointError saying what is wrong."""
+    """Read meta.json, check that its step and hash table are sound and that every file's hash
+    matches; raise CheckpointError saying what is wrong."""
+    from mmfm.train.compat import check_meta
+
     meta_path = path / META_FILE
     if not meta_path.is_file():
         raise CheckpointError(f"checkpoint {path} has no {META_FILE} (incomplete write?)")
     try:
         meta = json.loads(meta_path.read_text())
-        hashes = meta["sha256"]
-        step = int(meta["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except json.JSONDecodeError:
         raise CheckpointError(f"checkpoint {path}: {META_FILE} is corrupt") from None
-    for name, expected in hashes.items():
+    step = check_meta(meta, str(path), required=_required_files(path, meta))
+    for name, expected in meta["sha256"].items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
         if _sha256(file) != expected:
             raise CheckpointError(f"checkpoint {path}: {name} is corrupt or truncated (checksum mismatch)")
     return Checkpoint(path=path, step=step, meta=meta)
+
+
+def _required_files(path: Path, meta: dict[str, Any]) -> tuple[str, ...]:
+    """The files meta.json must hash: a DCP checkpoint's metadata and extras, a legacy
+    checkpoint's weights and state, a model directory's weights."""
+    if isinstance(meta, dict) and meta.get("format") == DCP_FORMAT:
+        return (".metadata", "objects.json") if meta.get("format_version", 1) >= 2 else (".metadata",)
+    if (path / STATE_FILE).is_file():
+        return (MODEL_FILE, STATE_FILE)
+    return (MODEL_FILE,)
 
 
 def latest_checkpoint(ckpt_root: Path) -> Checkpoint | None:

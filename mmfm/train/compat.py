@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmfm.errors import UserValueError
+from mmfm.train.checkpoint import CheckpointError
 
 # Config sections/fields whose values shape the weights or the optimizer state (the encoders
 # and projectors of a multimodal model are weights too).
@@ -30,7 +30,7 @@ COMPUTE_ONLY = frozenset({"model.fused_loss", "model.moe.backend",
 REQUIRED_FILES = ("model.safetensors", "state.pt")
 
 
-class CheckpointMismatch(UserValueError):
+class CheckpointMismatch(CheckpointError):
     """A checkpoint that does not belong to this run's config, or whose metadata is wrong."""
 
 

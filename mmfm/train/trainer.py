@@ -34,6 +34,7 @@ from mmfm.errors import UserValueError
 from mmfm.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink, collect_moe_metrics
 from mmfm.model import IGNORE_INDEX
 from mmfm.model.counting import count_params, flops_per_token
+from mmfm.model.memory import check_fits_memory
 from mmfm.parallel.api import ParallelModel, parallelize
 from mmfm.parallel.checkpoint import load_distributed, save_distributed
 from mmfm.parallel.mesh import ParallelDims, build_dims, init_distributed, launched_world_size
@@ -44,9 +45,13 @@ from mmfm.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_weights,
+    step_dir,
     verify_checkpoint,
 )
+from mmfm.train.compat import check_resume_config, check_step_matches_state
+from mmfm.train.guards import StepGuard, Verdict, tensors_finite
 from mmfm.train.optim import build_scheduler
+from mmfm.train.run_control import TrainerRunDir
 from mmfm.train.task import Task, build_task
 
 POS_BUCKETS = 4  # validation loss by position: quarters of the sequence (val/loss_pos_*)
@@ -115,11 +120,18 @@ class Trainer:
     config. Every rank runs it; rank 0 logs and writes files."""
 
     def __init__(self, cfg: ExperimentConfig, resume: bool = False, resume_from: str | None = None,
-                 show_progress: bool | None = None, task: Task | None = None) -> None:
+                 show_progress: bool | None = None, task: Task | None = None,
+                 overwrite: bool = False, allow_fresh: bool = False,
+                 manage_run_dir: bool = True) -> None:
+        """`resume`: continue the run's current lineage (an error when it has no checkpoint,
+        unless `allow_fresh`); `resume_from`: continue from that checkpoint; `overwrite`:
+        replace an existing run of this name (without it a fresh run over one is refused).
+        `manage_run_dir=False` (fixed-batch parity runs) skips the lock and these rules."""
         self.cfg = cfg
         self.run_dir = cfg.run.dir
         self.ckpt_root = self.run_dir / "checkpoints"
         self.device, self.precision = resolve_run(cfg.train, local_rank())
+        check_fits_memory(cfg, device=self.device.type)
         rank, world = start_process_group(cfg)
         self.watchdog = None
         if world > 1 and cfg.parallel.rank_timeout_s > 0:
@@ -128,7 +140,8 @@ class Trainer:
         if self.dims.is_logging_rank and show_progress is not False:
             print(f"device {self.device}, precision {self.precision.name}: "
                   f"{self.precision.reason}", flush=True)
-        checkpoint = self._find_checkpoint(resume, resume_from)
+        self.files = TrainerRunDir(self.run_dir) if manage_run_dir else None
+        checkpoint = self._find_checkpoint(resume, resume_from, overwrite, allow_fresh)
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
         self.task = task if task is not None else build_task(cfg)
@@ -145,9 +158,13 @@ class Trainer:
                                              pin_memory=self.device.type == "cuda")
         self.step = 0
         self.clock = _Clock()
+        self.guard = StepGuard(cfg.train.guard)
+        self._verdict: Verdict | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
             self.clock = _Clock(**checkpoint.meta.get("time", {}))
+            if self.files is not None:
+                self.files.after_restore(self.step)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         show = cfg.metrics.console if show_progress is None else show_progress
         self.show_progress = show and self.is_main_process
@@ -173,7 +190,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _find_checkpoint(self, resume: bool, resume_from: str | None) -> Checkpoint | None:
+    def _find_checkpoint(self, resume: bool, resume_from: str | None, overwrite: bool,
+                         allow_fresh: bool) -> Checkpoint | None:
+        """The checkpoint to start from, verified: along the run's current lineage for
+        `resume`; None for a fresh start (refused over an existing run unless `overwrite`)."""
+        if self.files is not None:
+            found = self.files.open(resume=resume, resume_from=resume_from, overwrite=overwrite,
+                                    allow_fresh=allow_fresh)
+            if found is None:
+                return None
+            if resume and not resume_from:
+                return latest_good(found)
+            return verify_checkpoint(found)
         if resume_from:
             return verify_checkpoint(Path(resume_from))
         if resume:
@@ -190,6 +218,7 @@ class Trainer:
                 f"train.init_from={checkpoint.path}")
 
     def _restore(self, checkpoint: Checkpoint) -> None:
+        check_resume_config(checkpoint.meta.get("config"), self.cfg, str(checkpoint.path))
         if checkpoint.kind == "legacy":
             self._restore_legacy(checkpoint)
             return
@@ -204,7 +233,12 @@ class Trainer:
         loader_key = f"loader.dp{self.dims.dp_rank}"
         rng_key = f"rng.rank{self.dims.rank}"
         loaded = load_distributed(checkpoint.path, self.pm, self.optimizer, self.scheduler,
-                                  objects={loader_key: None, rng_key: None})
+                                  objects={loader_key: None, rng_key: None, "trainer": None})
+        trainer_state = loaded.objects.get("trainer")
+        if trainer_state is not None:  # checkpoints of format 2 carry it (hashed)
+            check_step_matches_state(loaded.step, {"scheduler": {"last_epoch":
+                                     trainer_state["step"]}}, str(checkpoint.path))
+            self.guard.load_state_dict(trainer_state["guard"])
         if same_dp and loader_key in loaded.objects:
             self.loader.load_state_dict(loaded.objects[loader_key])
         elif same_dp:
@@ -223,6 +257,7 @@ class Trainer:
         """Old single-process state.pt (weights already loaded): optimizer, schedule, data
         position and RNG, into the same single-process layout."""
         state = checkpoint.load_legacy_state()
+        check_step_matches_state(checkpoint.step, state, str(checkpoint.path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
@@ -230,18 +265,41 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         self.step = checkpoint.step
 
-    def save(self, path: Path | None = None) -> Path:
-        """Checkpoint this step (collective): into `run/checkpoints/step_*` (pruned to
-        `train.keep_checkpoints`), or into the folder `path`."""
+    def save(self, path: Path | None = None) -> Path | None:
+        """Checkpoint this step (collective): into `run/checkpoints/step_*` (the lineage's new
+        head; older ones pruned to `train.keep_checkpoints`, never the newest finite one), or
+        into the folder `path`. Non-finite weights or optimizer state are never written:
+        returns None then."""
+        if not self._all_finite():
+            if self.is_main_process:
+                print(f"step {self.step}: weights or optimizer state are not finite; no "
+                      f"checkpoint written", flush=True)
+            return None
         objects = {f"loader.dp{self.dims.dp_rank}": self.loader.state_dict(),
-                   f"rng.rank{self.dims.rank}": rng_state()}
+                   f"rng.rank{self.dims.rank}": rng_state(),
+                   "trainer": {"step": self.step, "guard": self.guard.state_dict()}}
         meta = {"config": self.cfg.to_dict(), "params": vars(count_params(self.cfg.model)),
-                "time": {"wall_s": self.clock.wall_s, "process_s": self.clock.process_s}}
-        if path is not None:
-            return save_distributed(path, self.pm, self.optimizer, self.scheduler, self.step,
-                                    meta, objects)
-        return save_distributed(self.ckpt_root, self.pm, self.optimizer, self.scheduler,
-                                self.step, meta, objects, keep=self.cfg.train.keep_checkpoints)
+                "time": {"wall_s": self.clock.wall_s, "process_s": self.clock.process_s},
+                "finite": True}
+        target = Path(path) if path is not None else step_dir(self.ckpt_root, self.step)
+        written = save_distributed(target, self.pm, self.optimizer, self.scheduler, self.step,
+                                   meta, objects)
+        if path is None and self.files is not None:
+            self.files.record(written)
+            self.files.prune(self.cfg.train.keep_checkpoints)
+        return written
+
+    def _all_finite(self) -> bool:
+        """Whether every rank's weights and optimizer moments are finite (collective)."""
+        from mmfm.parallel.grads import local
+
+        tensors = [local(p.detach()) for _, p in self.pm.named_parameters()]
+        tensors += [local(v) for state in getattr(self.optimizer, "state", {}).values()
+                    for v in state.values() if isinstance(v, torch.Tensor)]
+        ok = torch.tensor([1.0 if tensors_finite(tensors) else 0.0])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
 
     # ------------------------------------------------------------------ the loop
 
@@ -254,9 +312,14 @@ class Trainer:
         except Exception as err:
             explain_failure(self.watchdog, self.dims.rank, err)  # name a dead peer, if any
             raise
+        finally:
+            if self.files is not None:
+                self.files.close()
         if self.watchdog is not None:
             self.watchdog.stop()
         dist.barrier()
+        # A run that ends on non-finite losses or skipped steps exits non-zero (MmfmError).
+        self.guard.raise_if_unhealthy(result.val_loss)
         return result
 
     def _fit(self, stop_after: int | None) -> TrainResult:
@@ -275,6 +338,9 @@ class Trainer:
                 record = self.train_step(batches)
                 self.step += 1
                 losses[self.step] = record["train/loss"]
+                if self._verdict is not None and self._verdict.rollback:
+                    self._roll_back()
+                    continue
                 elapsed = time.perf_counter() - started
                 self.clock.add(elapsed, time.process_time() - cpu_started)
                 interval.add(elapsed)
@@ -283,7 +349,8 @@ class Trainer:
                 if self.step % tcfg.log_every == 0 or self.step == tcfg.steps:
                     record.update(self._perf(interval.take()))
                     record.update(self._moe_metrics())
-                    logger.log(self.step, {**record, **self._progress_fields()})
+                    logger.log(self.step, {**record, **self.guard.metrics(),
+                                           **self._progress_fields()})
                 if self._routing_batch is not None and \
                         self.step % self.cfg.metrics.routing_trace_every == 0:
                     self._record_routing()
@@ -314,19 +381,48 @@ class Trainer:
 
     def train_step(self, batches: Iterator[Any]) -> dict[str, Any]:
         """One optimizer step on this rank's next `train.grad_accum` micro-batches: forward and
-        backward (flat or through the pipeline schedule), gradient reduction, clipping, AdamW,
-        LR schedule and the aux-loss-free bias update; statistics reduced over the ranks."""
+        backward (flat or through the pipeline schedule), gradient reduction, clipping, the
+        numerics guard's verdict, AdamW, LR schedule and the aux-loss-free bias update;
+        statistics reduced over the ranks. A step the guard rejects (non-finite loss or
+        gradient norm, a loss spike) discards its gradients and routing counts."""
         tcfg = self.cfg.train
         self.pm.train()
         mine = [move_batch(next(batches), self.device) for _ in range(tcfg.grad_accum)]
         lm, aux, task_metrics = forward_backward(self.pm, mine, self.task, self._autocast)
-        grad_norm = self.pm.step(self.optimizer, tcfg.grad_clip)
+        lm, aux = reduce_stats(self.pm, [lm, aux])  # every rank judges the same numbers
+        self._verdict = None
+
+        def judge(norm: float) -> bool:
+            self._verdict = self.guard.observe(self.step + 1, lm, norm)
+            return self._verdict.apply
+
+        grad_norm, applied = self.pm.step(self.optimizer, tcfg.grad_clip, judge)
+        if self._verdict is None:  # DeepSpeed stepped inside backward: judged, not vetoed
+            self._verdict = self.guard.observe(self.step + 1, lm, grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        self.pm.update_moe_bias()
-        lm, aux = reduce_stats(self.pm, [lm, aux])
+        if applied:
+            self.pm.update_moe_bias()
+        else:
+            for _, layer in self.pm.moe_layers():
+                layer.load.bias_load_E.zero_()
         return {"train/loss": lm, "train/aux_loss": aux, "train/grad_norm": grad_norm,
-                "train/lr": lr, **self._merge_over_ranks(merge_task_metrics(task_metrics))}
+                "train/lr": lr, "train/update_skipped": float(not applied),
+                **self._merge_over_ranks(merge_task_metrics(task_metrics))}
+
+    def _roll_back(self) -> None:
+        """After `train.guard.max_consecutive_bad` rejected steps: reload the newest finite
+        checkpoint of the current lineage (weights, optimizer, schedule; the data loader keeps
+        its position, so the batches that went bad are not replayed), or stop with a one-line
+        error (`UnrecoverableTraining`) when there is none or too many rollbacks happened."""
+        target = self.files.rollback_point() if self.files is not None else None
+        self.guard.rolled_back(self.step, None if target is None else target.step)
+        if self.is_main_process:
+            print(f"step {self.step}: {self.cfg.train.guard.max_consecutive_bad} bad steps in a "
+                  f"row; rolling back to {target.path}", flush=True)
+        loaded = load_distributed(target.path, self.pm, self.optimizer, self.scheduler)
+        self.step = loaded.step
+        self.files.resume_lineage_at(target)
 
     def _autocast(self):
         """Autocast of this run's precision on its device's type (nothing for fp32)."""
@@ -419,6 +515,21 @@ class Trainer:
                                    self.cfg.metrics.wandb_mode, self.cfg.to_dict(),
                                    resume=self.resumed))
         return MetricsLogger(sinks)
+
+
+def latest_good(path: Path) -> Checkpoint:
+    """`path` verified; if it is damaged, the error names the newest good checkpoint beside it
+    (so the user decides with --resume-from rather than silently losing steps)."""
+    try:
+        return verify_checkpoint(path)
+    except CheckpointError as err:
+        from mmfm.train.checkpoint import _is_good, list_checkpoints
+
+        good = next((str(p) for p in list_checkpoints(path.parent)
+                     if p != path and _is_good(p)), None)
+        hint = f"; the previous good checkpoint is {good} (resume from it with --resume-from " \
+               f"{good})" if good else "; no earlier good checkpoint exists"
+        raise CheckpointError(f"{err}{hint}") from None
 
 
 @dataclass
