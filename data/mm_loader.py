@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmfm.data.mm_features import FeatureStore, check_caches, fill_features
 from mmfm.data.mm_pack import DocTokenizer, MMBatch, Packer, TokenizedDoc, collate_rows
 from mmfm.data.mm_shards import (
     RawSample,
@@ -55,6 +56,7 @@ from mmfm.data.mm_shards import (
     read_mm_index,
 )
 from mmfm.data.tokenizer import load_tokenizer
+from mmfm.encoders.features import CachedFeatures
 from mmfm.encoders.registry import build_preprocessor
 from mmfm.errors import UserValueError
 
@@ -226,7 +228,9 @@ class ReaderPipeline:
     def __init__(self, spec: dict[str, Any], reader: int, state: dict[str, Any] | None) -> None:
         self.spec, self.reader = spec, reader
         tok = load_tokenizer(spec["tokenizer"])
-        self.pre = {m: build_preprocessor(c) for m, c in spec["encoders"].items()}
+        self.pre, self.undecoded = _preprocessors(spec["encoders"], spec["features"])
+        self.stores = [{m: FeatureStore(src.dir, m) for m in self.undecoded}
+                       for src in spec["sources"]]
         self.docs = DocTokenizer(tok, self.pre, spec["seq_len"] + 1, spec["loss_on_markers"])
         state = state or {}
         self.policy = BadInputPolicy(spec["strict"], state.get("skipped"))
@@ -263,7 +267,10 @@ class ReaderPipeline:
 
     def _decode(self, s: int, ref: Ref, raw: RawSample) -> TokenizedDoc | None:
         try:
-            segments, _ = decode_document(raw)
+            segments, _ = decode_document(raw, self.undecoded)
+            if self.undecoded:
+                shard = self.sources[s].reader.shard_path(ref).name
+                segments = fill_features(segments, self.stores[s], shard)
             return self.docs(segments)
         except SampleError as err:
             self.policy.sample(self.sources[s].reader.shard_path(ref), raw.key, err)
@@ -312,13 +319,16 @@ class MMLoader:
 
     `sources` are (name, train shard dir, weight) triples; `encoders` maps modality to its
     `EncoderConfig` (preprocessing only: the loader never builds the encoder weights).
+    `features` maps a frozen modality to its encoder's fingerprint: when the shard sets have
+    feature caches for it (`mmfm data encode`), its items are read from them instead of
+    decoded (batches then carry (N, P, E) encoder outputs); stale caches are refused.
     """
 
     def __init__(self, sources: list[tuple[str, str | Path, float]], tokenizer: str | Path,
                  seq_len: int, micro_batch_size: int, encoders: dict[str, Any], *,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_buffer: int = 64, strict: bool = False, loss_on_markers: bool = False,
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None, features: dict[str, str] | None = None) -> None:
         if not sources:
             raise UserValueError("no multimodal sources: set multimodal.sources in the config")
         if not 0 <= rank < world_size or num_workers < 0 or min(seq_len, micro_batch_size,
@@ -334,7 +344,8 @@ class MMLoader:
                      "micro_batch_size": micro_batch_size, "encoders": dict(encoders),
                      "rank": rank, "world_size": world_size, "num_readers": self.num_readers,
                      "seed": seed, "shuffle_buffer": shuffle_buffer, "strict": strict,
-                     "loss_on_markers": loss_on_markers}
+                     "loss_on_markers": loss_on_markers,
+                     "features": resolve_features([s.dir for s in sets], features)}
         self._states: list[dict[str, Any] | None] = [None] * self.num_readers
         self._next_worker = 0
         self._it: Iterator[dict[str, Any]] | None = None
@@ -392,6 +403,26 @@ class MMLoader:
         self._next_worker = int(state["next_worker"])
 
 
+def resolve_features(shard_dirs: list[Path], features: dict[str, str] | None
+                     ) -> dict[str, dict[str, Any]]:
+    """{modality: {"fingerprint", "out_dim"}} of the modalities whose caches the loader reads
+    (every shard set has a valid one); stale or partial caches raise FeatureCacheError."""
+    resolved = {}
+    for modality, fingerprint in (features or {}).items():
+        index = check_caches(shard_dirs, modality, fingerprint)
+        if index is not None:
+            resolved[modality] = {"fingerprint": fingerprint, "out_dim": index["out_dim"]}
+    return resolved
+
+
+def _preprocessors(encoders: dict[str, Any], cached: dict[str, dict[str, Any]]
+                   ) -> tuple[dict[str, Any], frozenset[str]]:
+    """Each modality's preprocessor (cached ones serve features), and the cached modalities."""
+    pre = {m: build_preprocessor(c) for m, c in encoders.items() if m not in cached}
+    pre.update({m: CachedFeatures(m, c["fingerprint"], c["out_dim"]) for m, c in cached.items()})
+    return pre, frozenset(cached)
+
+
 def _check_vocab(tok, vocab_size: int | None, path) -> None:
     if vocab_size is not None and tok.get_vocab_size() > vocab_size:
         raise UserValueError(f"tokenizer {path} has {tok.get_vocab_size()} tokens but "
@@ -404,15 +435,18 @@ def _check_vocab(tok, vocab_size: int | None, path) -> None:
 def iter_mm_eval_batches(sources: list[tuple[str, str | Path]], tokenizer: str | Path,
                          seq_len: int, micro_batch_size: int, encoders: dict[str, Any],
                          max_batches: int | None = None, strict: bool = False,
-                         loss_on_markers: bool = False) -> Iterator[MMBatch]:
+                         loss_on_markers: bool = False,
+                         features: dict[str, str] | None = None) -> Iterator[MMBatch]:
     """Validation batches, the same on every call: documents round-robin over the sources,
     each source's shards in index order and samples in stored order, packed like training;
     the last row is padded and the last batch may be short. Stops at `max_batches` or the
     end of the data."""
-    pre = {m: build_preprocessor(c) for m, c in encoders.items()}
+    cached = resolve_features([Path(d) for _, d in sources], features)
+    pre, undecoded = _preprocessors(encoders, cached)
     docs = DocTokenizer(load_tokenizer(tokenizer), pre, seq_len + 1, loss_on_markers)
     policy = BadInputPolicy(strict)
-    stream = _round_robin([_sequential_docs(ShardSet.open(n, d), docs, policy) for n, d in sources])
+    stream = _round_robin([_sequential_docs(ShardSet.open(n, d), docs, policy, undecoded)
+                           for n, d in sources])
     packer = Packer(seq_len + 1, docs.pad_id, lambda: next(stream, None))
     emitted = 0
     while max_batches is None or emitted < max_batches:
@@ -423,14 +457,16 @@ def iter_mm_eval_batches(sources: list[tuple[str, str | Path]], tokenizer: str |
         emitted += 1
 
 
-def _sequential_docs(src: ShardSet, docs: DocTokenizer,
-                     policy: BadInputPolicy) -> Iterator[TokenizedDoc]:
+def _sequential_docs(src: ShardSet, docs: DocTokenizer, policy: BadInputPolicy,
+                     undecoded: frozenset[str] = frozenset()) -> Iterator[TokenizedDoc]:
+    stores = {m: FeatureStore(src.dir, m) for m in undecoded}
     for name in src.shards:
         path = src.dir / name
         try:
             for raw in iter_raw_samples(path):
                 try:
-                    yield docs(decode_document(raw)[0])
+                    segments = fill_features(decode_document(raw, undecoded)[0], stores, name)
+                    yield docs(segments)
                 except SampleError as err:
                     policy.sample(path, raw.key, err)
         except ShardError as err:

@@ -235,8 +235,18 @@ def iter_raw_samples(path: str | Path) -> Iterator[RawSample]:
         yield RawSample(current, pending)
 
 
-def decode_document(raw: RawSample) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
-    """([(kind, value)] segments with media decoded, metadata) of one raw sample.
+@dataclass(frozen=True)
+class MemberRef:
+    """A media segment left undecoded: the member name (`0.png`) within its sample."""
+
+    key: str
+    member: str
+
+
+def decode_document(raw: RawSample, undecoded: frozenset[str] = frozenset()
+                    ) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """([(kind, value)] segments with media decoded, metadata) of one raw sample. Media of a
+    kind in `undecoded` (served from a feature cache) come back as a :class:`MemberRef`.
 
     Raises SampleError with reason bad_json, missing_member, unsupported_media,
     corrupt_image, corrupt_audio or empty_document.
@@ -248,7 +258,7 @@ def decode_document(raw: RawSample) -> tuple[list[tuple[str, Any]], dict[str, An
             if seg["text"]:
                 segments.append(("text", seg["text"]))
             continue
-        segments.append(_decode_segment(raw, i, seg))
+        segments.append(_decode_segment(raw, i, seg, undecoded))
     if not segments:
         raise SampleError("empty_document", "the document has no text or media segments")
     return segments, {k: v for k, v in meta.items() if k != "segments"}
@@ -266,7 +276,8 @@ def _parse_json(raw: RawSample) -> dict[str, Any]:
     return meta
 
 
-def _decode_segment(raw: RawSample, i: int, seg: Any) -> tuple[str, Any]:
+def _decode_segment(raw: RawSample, i: int, seg: Any,
+                    undecoded: frozenset[str] = frozenset()) -> tuple[str, Any]:
     kind = next((k for k in ("image", "audio") if isinstance(seg, dict) and k in seg), None)
     if kind is None:
         raise SampleError("unsupported_media", f"segment {i} ({str(seg)[:60]}) is not text, "
@@ -278,6 +289,8 @@ def _decode_segment(raw: RawSample, i: int, seg: Any) -> tuple[str, Any]:
     if member not in raw.members:
         raise SampleError("missing_member", f"segment {i} references {raw.key}.{member}, "
                                             "which the sample does not hold")
+    if kind in undecoded:
+        return kind, MemberRef(raw.key, member)
     try:
         data = raw.members[member]
         value = decode_image(data) if kind == "image" else decode_audio(data)

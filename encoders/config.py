@@ -100,6 +100,9 @@ class MultimodalConfig:
     # MoE routing: one router over all tokens (shared) or modality expert groups (MoMa).
     moe_routing: str = "shared"
     modality_experts: dict[str, int] = field(default_factory=dict)  # {"text": 4, "image": 2}
+    # Read frozen encoders' outputs from the feature caches `mmfm data encode` wrote beside
+    # the shards, when every shard set has a current one (stale caches are refused).
+    feature_cache: bool = True
 
     def encoders(self) -> dict[str, EncoderConfig]:
         """{modality: encoder config} of the configured encoders."""

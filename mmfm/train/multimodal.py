@@ -32,6 +32,7 @@ class MultimodalTask:
             raise UserValueError("data.kind=multimodal needs a multimodal: section")
         self.cfg, self.mm = cfg, cfg.multimodal
         self.loader: MMLoader | None = None
+        self.model: MultimodalModel | None = None  # kept for the feature-cache fingerprints
 
     def build_model(self) -> MultimodalModel:
         """Decoder (with modality-aware MoE FFNs) + one encoder slot per configured modality."""
@@ -44,10 +45,19 @@ class MultimodalTask:
             encoder = registry.build(enc_cfg.kind, cfg=enc_cfg)
             projector = Projector(enc_cfg.projector, encoder.out_dim, model_cfg.d_model)
             slots[modality] = EncoderSlot(encoder, projector, enc_cfg.train_mode,
-                                          enc_cfg.unfreeze_after_steps)
+                                          enc_cfg.unfreeze_after_steps, enc_cfg)
         ids = special_token_ids(load_tokenizer(self.cfg.data.tokenizer))
-        return MultimodalModel(decoder, slots, {"image": ids[IMAGE], "audio": ids[AUDIO]},
-                               grad_accum=self.cfg.train.grad_accum)
+        self.model = MultimodalModel(decoder, slots, {"image": ids[IMAGE], "audio": ids[AUDIO]},
+                                     grad_accum=self.cfg.train.grad_accum)
+        return self.model
+
+    def feature_fingerprints(self) -> dict[str, str]:
+        """{modality: fingerprint} of the frozen encoders of the built model, whose feature
+        caches the loaders read when present (`multimodal.feature_cache`)."""
+        if self.model is None or not self.mm.feature_cache:
+            return {}
+        return {m: slot.fingerprint() for m, slot in self.model.slots.items()
+                if slot.train_mode == "frozen"}
 
     def train_loader(self, rank: int = 0, world_size: int = 1) -> MMLoader:
         """The training loader, after checking the sources, tokenizer and validation data."""
@@ -57,7 +67,8 @@ class MultimodalTask:
             sources, dcfg.tokenizer, dcfg.seq_len, self.cfg.train.micro_batch_size,
             self.mm.encoders(), rank=rank, world_size=world_size, num_workers=dcfg.num_workers,
             seed=self.cfg.run.seed, shuffle_buffer=self.mm.shuffle_buffer, strict=self.mm.strict,
-            loss_on_markers=self.mm.loss_on_markers, vocab_size=self.cfg.model.vocab_size)
+            loss_on_markers=self.mm.loss_on_markers, vocab_size=self.cfg.model.vocab_size,
+            features=self.feature_fingerprints())
         next(self._eval_iter(1), None)
         return self.loader
 
@@ -71,7 +82,8 @@ class MultimodalTask:
         return iter_mm_eval_batches(val, self.cfg.data.tokenizer, self.cfg.data.seq_len,
                                     self.cfg.train.micro_batch_size, self.mm.encoders(),
                                     max_batches, strict=self.mm.strict,
-                                    loss_on_markers=self.mm.loss_on_markers)
+                                    loss_on_markers=self.mm.loss_on_markers,
+                                    features=self.feature_fingerprints())
 
     def loss(self, model: nn.Module, batch: MMBatch) -> LossOutput:
         """Mean next-token loss over text targets, plus `loss/<group>` and `targets/<group>`
