@@ -16,8 +16,10 @@ together cover the source every epoch.
 **Shuffle buffer.** Per source, a buffer of `shuffle_buffer` raw samples; each draw picks a
 slot with an RNG keyed by (seed, source, reader, draw number) and refills from the stream.
 
-**Mixture.** Each document is drawn from source i with probability weight_i / sum; the draw
-is keyed by (seed, reader, draw number).
+**Mixture.** By default each document comes from the source furthest below its weight's
+share of the tokens drawn so far, so every batch holds each source's share of tokens within
+a stated tolerance (`mmfm.data.mm_mixture`); with ``mixture="sample"`` it is drawn from source
+i with probability weight_i / sum, keyed by (seed, reader, draw number).
 
 **Exact resume.** A reader's state is small and JSON-like: per source the stream position
 (epoch, shard cursor, sample index), the buffer's contents as sample references
@@ -46,6 +48,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmfm.data.mm_features import FeatureStore, check_caches, fill_features
+from mmfm.data.mm_mixture import MIXTURE_MODES, balanced_pick, consumption
 from mmfm.data.mm_pack import DocTokenizer, MMBatch, Packer, TokenizedDoc, collate_rows
 from mmfm.data.mm_shards import (
     RawSample,
@@ -235,9 +238,12 @@ class ReaderPipeline:
         state = state or {}
         self.policy = BadInputPolicy(spec["strict"], state.get("skipped"))
         self.mix_draws = state.get("mix_draws", 0)
+        self.consumed = list(state.get("consumed") or [0] * len(spec["sources"]))
         self.sources = [self._source(i, src, (state.get("sources") or [None] * len(spec["sources"]))[i])
                         for i, src in enumerate(spec["sources"])]
-        self.weights = np.cumsum([s.weight for s in spec["sources"]]) / sum(s.weight for s in spec["sources"])
+        total = sum(s.weight for s in spec["sources"])
+        self.shares = [s.weight / total for s in spec["sources"]]
+        self.weights = np.cumsum(self.shares)
         self.packer = Packer(spec["seq_len"] + 1, self.docs.pad_id, self._next_doc)
         self.carry: tuple[int, Ref] | None = None
         if state.get("carry"):
@@ -252,6 +258,9 @@ class ReaderPipeline:
         return ShuffledSource(reader, s["shuffle_buffer"], st)
 
     def _pick_source(self) -> int:
+        if self.spec["mixture"] != "sample":
+            self.mix_draws += 1
+            return balanced_pick(self.shares, self.consumed)
         u = _rng(self.spec["seed"], _MIX, self.spec["rank"], self.reader, self.mix_draws).random()
         self.mix_draws += 1
         return int(np.searchsorted(self.weights, u, side="right").clip(max=len(self.sources) - 1))
@@ -263,6 +272,7 @@ class ReaderPipeline:
             doc = self._decode(s, ref, raw)
             if doc is not None:
                 self.carry = (s, ref)
+                self.consumed[s] += consumption(self.spec["mixture"], len(doc.tokens))
                 return doc
 
     def _decode(self, s: int, ref: Ref, raw: RawSample) -> TokenizedDoc | None:
@@ -292,7 +302,7 @@ class ReaderPipeline:
         if self.packer.doc is not None and self.carry is not None:
             carry = {"source": self.carry[0], "ref": list(self.carry[1]),
                      "offset": self.packer.offset}
-        return {"mix_draws": self.mix_draws, "sources": [s.state() for s in self.sources],
+        return {"mix_draws": self.mix_draws, "consumed": list(self.consumed), "sources": [s.state() for s in self.sources],
                 "carry": carry, "skipped": dict(self.policy.counts)}
 
 
@@ -328,7 +338,8 @@ class MMLoader:
                  seq_len: int, micro_batch_size: int, encoders: dict[str, Any], *,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_buffer: int = 64, strict: bool = False, loss_on_markers: bool = False,
-                 vocab_size: int | None = None, features: dict[str, str] | None = None) -> None:
+                 vocab_size: int | None = None, features: dict[str, str] | None = None,
+                 mixture: str = "tokens") -> None:
         if not sources:
             raise UserValueError("no multimodal sources: set multimodal.sources in the config")
         if not 0 <= rank < world_size or num_workers < 0 or min(seq_len, micro_batch_size,
@@ -336,6 +347,8 @@ class MMLoader:
             raise UserValueError(f"bad loader layout: rank={rank} world_size={world_size} "
                              f"num_workers={num_workers} seq_len={seq_len} "
                              f"micro_batch_size={micro_batch_size} shuffle_buffer={shuffle_buffer}")
+        if mixture not in MIXTURE_MODES:
+            raise UserValueError(f"mixture={mixture!r} is not one of {', '.join(MIXTURE_MODES)}")
         sets = [ShardSet.open(n, d, w) for n, d, w in sources]
         _check_vocab(load_tokenizer(tokenizer), vocab_size, tokenizer)
         self.num_readers = max(1, num_workers)
@@ -344,7 +357,7 @@ class MMLoader:
                      "micro_batch_size": micro_batch_size, "encoders": dict(encoders),
                      "rank": rank, "world_size": world_size, "num_readers": self.num_readers,
                      "seed": seed, "shuffle_buffer": shuffle_buffer, "strict": strict,
-                     "loss_on_markers": loss_on_markers,
+                     "loss_on_markers": loss_on_markers, "mixture": mixture,
                      "features": resolve_features([s.dir for s in sets], features)}
         self._states: list[dict[str, Any] | None] = [None] * self.num_readers
         self._next_worker = 0

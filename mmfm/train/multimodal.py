@@ -68,7 +68,7 @@ class MultimodalTask:
             self.mm.encoders(), rank=rank, world_size=world_size, num_workers=dcfg.num_workers,
             seed=self.cfg.run.seed, shuffle_buffer=self.mm.shuffle_buffer, strict=self.mm.strict,
             loss_on_markers=self.mm.loss_on_markers, vocab_size=self.cfg.model.vocab_size,
-            features=self.feature_fingerprints())
+            features=self.feature_fingerprints(), mixture=self.mm.mixture)
         next(self._eval_iter(1), None)
         return self.loader
 
