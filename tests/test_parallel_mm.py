@@ -35,10 +35,10 @@ def test_multimodal_refuses_model_parallel_layouts(mm_shards, text_data, tmp_pat
     import torch.distributed as dist
 
     from mmfm.config import ConfigError
-    from mmfm.train.trainer import build_trainer
 
-    cfg = mm_config(mm_shards, text_data, tmp_path, **{"parallel.tp": 2})
-    with pytest.raises(ConfigError, match="only data parallelism is implemented for "
-                                          "data.kind='multimodal'"):
-        build_trainer(cfg)
+    layouts = {"tp": {}, "ep": {}, "pp": {"parallel.microbatches": 2}}
+    for field, extra in layouts.items():  # refused by config validation, before any process group
+        with pytest.raises(ConfigError, match=rf"parallel.{field}=2.*only data parallelism is "
+                                              "implemented for data.kind='multimodal'"):
+            mm_config(mm_shards, text_data, tmp_path, **{f"parallel.{field}": 2, **extra})
     assert not dist.is_initialized()
