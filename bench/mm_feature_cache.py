@@ -61,12 +61,13 @@ def _batches(cfg, n: int):
     return [next(loader) for _ in range(n)]
 
 
-def measure(name: str, shards: Path, tokenizer: Path, reps: int, n_batches: int) -> dict:
+def measure(name: str, shards: Path, tokenizer: Path, reps: int, n_batches: int,
+            encode: bool = True) -> dict:
     from mmfm.data.mm_features import encode_config
 
     cfg = preset(name, shards, tokenizer, FROZEN)
     started = time.perf_counter()
-    rows = encode_config(cfg)
+    rows = encode_config(cfg) if encode else []
     encode_s = time.perf_counter() - started
     online_cfg = preset(name, shards, tokenizer, FROZEN + ["multimodal.feature_cache=false"])
     cached_b, online_b = _batches(cfg, n_batches), _batches(online_cfg, n_batches)
@@ -88,6 +89,8 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["tiny", "small"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--no-encode", action="store_true",
+                   help="use the caches an earlier run wrote (refused if stale)")
     p.add_argument("--out", type=Path, default=Path("bench/results/mm_feature_cache.json"))
     args = p.parse_args()
     results = {"machine": {"cpu": platform.processor() or platform.machine(),
@@ -99,7 +102,7 @@ def main() -> None:
                "presets": {}}
     for name in args.presets:
         results["presets"][name] = measure(name, args.shards, args.tokenizer, args.reps,
-                                           args.batches)
+                                           args.batches, encode=not args.no_encode)
         print(json.dumps({name: results["presets"][name]}, indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

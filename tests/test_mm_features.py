@@ -12,6 +12,8 @@ import torch
 from test_mm_common import mm_shards, photo_items, speech_items  # noqa: F401 (fixtures)
 from test_mm_train import mm_config
 
+from mmfm.cli import main
+from mmfm.config import save_config
 from mmfm.data.mm_features import cache_dir, encode_config
 from mmfm.encoders.features import FeatureCacheError
 from mmfm.errors import UserValueError
@@ -65,8 +67,16 @@ def test_cached_features_give_the_same_batches_and_loss(shards, text_data, tmp_p
     assert torch.allclose(b_cached.media["image"].data, tower, atol=1e-5)
 
 
-def test_stale_cache_is_refused(shards, text_data, tmp_path):
-    encode_config(mm_config(shards, text_data, tmp_path / "run", **FROZEN))
+def _encode_cli(cfg, tmp_path) -> int:
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    return main(["data", "encode", str(path), "--batch-size", "4"])
+
+
+def test_stale_cache_is_refused(shards, text_data, tmp_path, capsys):
+    assert _encode_cli(mm_config(shards, text_data, tmp_path / "run", **FROZEN), tmp_path) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 8 and all("items encoded" in line for line in printed)
     other_seed = _task(shards, text_data, tmp_path, **{"run.seed": 1})  # other tower weights
     with pytest.raises(FeatureCacheError, match=r"features/image: stale image feature cache, "
                                                 r"made by encoder \w{12} but this run's"):
@@ -99,8 +109,11 @@ def test_partial_or_foreign_caches_are_refused(shards, text_data, tmp_path):
               ).train_loader()
 
 
-def test_encode_needs_a_frozen_encoder(shards, text_data, tmp_path):
+def test_encode_needs_a_frozen_encoder(shards, text_data, tmp_path, capsys):
     cfg = mm_config(shards, text_data, tmp_path / "run")
     with pytest.raises(UserValueError, match="no frozen encoder to cache: set "
                                              r"multimodal.<image\|audio>.train_mode=frozen"):
         encode_config(cfg)
+    assert _encode_cli(cfg, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no frozen encoder to cache") and err.count("\n") == 1

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from mmfm.data.mm_features import read_cache_index
 from mmfm.data.mm_loader import MMLoader, iter_mm_eval_batches
 from mmfm.data.mm_pack import IGNORE_INDEX, MMBatch
 from mmfm.data.tokenizer import AUDIO, IMAGE, load_tokenizer, special_token_ids
@@ -56,8 +57,12 @@ class MultimodalTask:
         caches the loaders read when present (`multimodal.feature_cache`)."""
         if self.model is None or not self.mm.feature_cache:
             return {}
+        dirs = [d for s in self.mm.sources.values() for d in (s.train, s.val) if d]
+        # Hash weights only where a cache exists: hashing a large tower is not free, and a
+        # sharded (FSDP) tower gathers its weights to hash them.
         return {m: slot.fingerprint() for m, slot in self.model.slots.items()
-                if slot.train_mode == "frozen"}
+                if slot.train_mode == "frozen"
+                and any(read_cache_index(d, m) is not None for d in dirs)}
 
     def train_loader(self, rank: int = 0, world_size: int = 1) -> MMLoader:
         """The training loader, after checking the sources, tokenizer and validation data."""
