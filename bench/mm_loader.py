@@ -12,13 +12,18 @@ tokenizer. For each preset (configs/mm_moe_{tiny,small}.yaml):
 * training step: forward + backward + AdamW of the preset's model on batches already loaded,
   giving the rows/s the step consumes; the loader keeps up when its rows/s exceed that;
 * encoders: forward time of each configured encoder per image and per second of audio, on
-  the real media in the shards (inference mode, batch of 16 items).
+  the real media in the shards (inference mode, batch of 16 items);
+* accelerator rate: images and audio seconds per second one loader worker delivers, against
+  what one H100 step of the preset consumes (decoder FLOPs per token at 40% MFU of 989
+  TFLOP/s, times the images and audio seconds per token of the measured mix), hence the
+  workers needed per GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -29,10 +34,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def preset(name: str, shards: Path, tokenizer: Path):
+def preset(name: str, shards: Path, tokenizer: Path, extra: list[str] = ()):
     from mmfm.config import load_config
 
-    overrides = [f"data.tokenizer={tokenizer}", "metrics.console=false"]
+    overrides = [f"data.tokenizer={tokenizer}", "metrics.console=false", *extra]
     for s in ("images", "speech", "spoken_stamps"):
         overrides += [f"multimodal.sources.{s}.train={shards / s / 'train'}",
                       f"multimodal.sources.{s}.val={shards / s / 'val'}"]
@@ -48,17 +53,57 @@ def loader_rate(cfg, workers: int, batches: int) -> dict[str, float]:
     next(loader)  # start workers, fill shuffle buffers
     docs0 = _docs(loader)
     started = time.perf_counter()
-    rows = tokens = media = 0
+    rows = tokens = media = images = 0
+    audio_s = 0.0
     for _ in range(batches):
         batch = next(loader)
         rows += batch.input_ids.shape[0]
         tokens += batch.input_ids.numel()
         media += sum(len(m) for m in batch.media.values())
+        images += len(batch.media.get("image", ()))
+        audio_s += _audio_seconds(cfg, batch)
     elapsed = time.perf_counter() - started
     docs = _docs(loader) - docs0
     loader.close()
     return {"workers": workers, "docs_per_s": docs / elapsed, "rows_per_s": rows / elapsed,
-            "tokens_per_s": tokens / elapsed, "media_items_per_s": media / elapsed}
+            "tokens_per_s": tokens / elapsed, "media_items_per_s": media / elapsed,
+            "images_per_s": images / elapsed, "audio_seconds_per_s": audio_s / elapsed,
+            "images_per_token": images / tokens, "audio_seconds_per_token": audio_s / tokens}
+
+
+def _audio_seconds(cfg, batch) -> float:
+    """Seconds of audio in a batch, from its log-mel frame counts (1 + samples // hop)."""
+    audio = batch.media.get("audio")
+    if audio is None or not len(audio):
+        return 0.0
+    enc = cfg.multimodal.audio
+    return float((audio.lengths - 1).clamp(min=0).sum()) * enc.hop_length / enc.sample_rate
+
+
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (as bench/parallel_mfu.py)
+MFU = 0.40
+
+
+def accelerator_demand(cfg, loader: dict[str, float]) -> dict[str, float]:
+    """What one H100 at 40% MFU consumes training this preset's decoder: tokens/s from
+    `flops_per_token` (decoder only: encoder FLOPs would only lower the rate), and the images
+    and audio seconds per second those tokens carry in the measured data mix; then the loader
+    workers needed at the measured per-worker rate."""
+    from mmfm.model.counting import flops_per_token
+
+    tokens_per_s = MFU * H100_BF16_PEAK / flops_per_token(cfg.model, cfg.data.seq_len)
+    need_images = tokens_per_s * loader["images_per_token"]
+    need_audio = tokens_per_s * loader["audio_seconds_per_token"]
+    per_worker_images = loader["images_per_s"] / max(1, loader["workers"])
+    per_worker_audio = loader["audio_seconds_per_s"] / max(1, loader["workers"])
+    workers = max(need_images / per_worker_images if per_worker_images else 0.0,
+                  need_audio / per_worker_audio if per_worker_audio else 0.0)
+    return {"flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
+            "h100_tokens_per_s": tokens_per_s, "h100_images_per_s": need_images,
+            "h100_audio_seconds_per_s": need_audio,
+            "per_worker_images_per_s": per_worker_images,
+            "per_worker_audio_seconds_per_s": per_worker_audio,
+            "workers_needed": math.ceil(workers)}
 
 
 def _docs(loader) -> int:
@@ -139,6 +184,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("bench/results/mm_loader.json"))
+    p.add_argument("--skip-step", action="store_true",
+                   help="measure only the loader and the H100 demand (no CPU training step)")
     args = p.parse_args()
     results = {"machine": {"cpu": platform.processor() or platform.machine(),
                            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -150,8 +197,10 @@ def main() -> None:
         entry = {"seq_len": cfg.data.seq_len, "micro_batch_size": cfg.train.micro_batch_size,
                  "precision": cfg.train.precision}
         entry["loader"] = [loader_rate(cfg, w, args.batches) for w in (0, 1, 2)]
-        entry["train_step"] = train_step_rate(cfg, args.steps)
-        entry["encoders"] = encoder_times(cfg, args.shards)
+        entry["h100_demand"] = accelerator_demand(cfg, entry["loader"][1])  # 1 worker
+        if not args.skip_step:
+            entry["train_step"] = train_step_rate(cfg, args.steps)
+            entry["encoders"] = encoder_times(cfg, args.shards)
         results["presets"][name] = entry
         print(json.dumps({name: entry}, indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,35 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_tokenizer(sub)
     _add_shards(sub)
     _add_curate(sub)
+    _add_encode(sub)
     return data
+
+
+def _add_encode(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "encode", help="precompute frozen encoders' outputs beside the multimodal shards",
+        description="Build the model of a multimodal CONFIG as `mmfm train` does (same seed, "
+                    "train.init_from, local pretrained weights), run every frozen encoder "
+                    "(multimodal.<modality>.train_mode=frozen) once over every shard set of the "
+                    "config (train and val) and store each item's output tokens in "
+                    "SHARDS/features/<modality>/, keyed by the encoder's weights and "
+                    "preprocessing fingerprint. `mmfm train` then reads them instead of "
+                    "running the tower, and refuses a cache whose fingerprint differs.")
+    p.add_argument("config", type=Path, help="multimodal experiment YAML, e.g. configs/mm_moe_tiny.yaml")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, as for `mmfm train`")
+    p.add_argument("--batch-size", type=int, default=32, help="items per encoder forward (default 32)")
+    p.set_defaults(func=cmd_encode)
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from mmfm.config import load_config
+    from mmfm.data.mm_features import encode_config
+
+    cfg = load_config(args.config, args.overrides)
+    for row in encode_config(cfg, batch_size=args.batch_size):
+        print(f"  {row['modality']:<6} {row['dir']}: {row['items']} items encoded, "
+              f"{row['skipped']} skipped, fingerprint {row['fingerprint'][:12]}")
+    return 0
 
 
 def _add_curate(sub: argparse._SubParsersAction) -> None:

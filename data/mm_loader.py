@@ -16,8 +16,10 @@ together cover the source every epoch.
 **Shuffle buffer.** Per source, a buffer of `shuffle_buffer` raw samples; each draw picks a
 slot with an RNG keyed by (seed, source, reader, draw number) and refills from the stream.
 
-**Mixture.** Each document is drawn from source i with probability weight_i / sum; the draw
-is keyed by (seed, reader, draw number).
+**Mixture.** By default each document comes from the source furthest below its weight's
+share of the tokens drawn so far, so every batch holds each source's share of tokens within
+a stated tolerance (`mmfm.data.mm_mixture`); with ``mixture="sample"`` it is drawn from source
+i with probability weight_i / sum, keyed by (seed, reader, draw number).
 
 **Exact resume.** A reader's state is small and JSON-like: per source the stream position
 (epoch, shard cursor, sample index), the buffer's contents as sample references
@@ -46,6 +48,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmfm.data.mm_features import FeatureStore, check_caches, fill_features
+from mmfm.data.mm_mixture import MIXTURE_MODES, balanced_pick, consumption
 from mmfm.data.mm_pack import DocTokenizer, MMBatch, Packer, TokenizedDoc, collate_rows
 from mmfm.data.mm_shards import (
     RawSample,
@@ -56,6 +60,7 @@ from mmfm.data.mm_shards import (
     read_mm_index,
 )
 from mmfm.data.tokenizer import load_tokenizer
+from mmfm.encoders.features import CachedFeatures
 from mmfm.encoders.media import DEFAULT_MAX_IMAGE_PIXELS
 from mmfm.encoders.registry import build_preprocessor
 from mmfm.errors import UserValueError
@@ -250,14 +255,19 @@ class ReaderPipeline:
     def __init__(self, spec: dict[str, Any], reader: int, state: dict[str, Any] | None) -> None:
         self.spec, self.reader = spec, reader
         tok = load_tokenizer(spec["tokenizer"])
-        self.pre = {m: build_preprocessor(c) for m, c in spec["encoders"].items()}
+        self.pre, self.undecoded = _preprocessors(spec["encoders"], spec["features"])
+        self.stores = [{m: FeatureStore(src.dir, m) for m in self.undecoded}
+                       for src in spec["sources"]]
         self.docs = DocTokenizer(tok, self.pre, spec["seq_len"] + 1, spec["loss_on_markers"])
         state = state or {}
         self.policy = BadInputPolicy(spec["strict"], state.get("skipped"))
         self.mix_draws = state.get("mix_draws", 0)
+        self.consumed = list(state.get("consumed") or [0] * len(spec["sources"]))
         self.sources = [self._source(i, src, (state.get("sources") or [None] * len(spec["sources"]))[i])
                         for i, src in enumerate(spec["sources"])]
-        self.weights = np.cumsum([s.weight for s in spec["sources"]]) / sum(s.weight for s in spec["sources"])
+        total = sum(s.weight for s in spec["sources"])
+        self.shares = [s.weight / total for s in spec["sources"]]
+        self.weights = np.cumsum(self.shares)
         self.packer = Packer(spec["seq_len"] + 1, self.docs.pad_id, self._next_doc)
         self.carry: tuple[int, Ref] | None = None
         if state.get("carry"):
@@ -272,6 +282,9 @@ class ReaderPipeline:
         return ShuffledSource(reader, s["shuffle_buffer"], st)
 
     def _pick_source(self) -> int:
+        if self.spec["mixture"] != "sample":
+            self.mix_draws += 1
+            return balanced_pick(self.shares, self.consumed)
         u = _rng(self.spec["seed"], _MIX, self.spec["rank"], self.reader, self.mix_draws).random()
         self.mix_draws += 1
         return int(np.searchsorted(self.weights, u, side="right").clip(max=len(self.sources) - 1))
@@ -283,11 +296,15 @@ class ReaderPipeline:
             doc = self._decode(s, ref, raw)
             if doc is not None:
                 self.carry = (s, ref)
+                self.consumed[s] += consumption(self.spec["mixture"], len(doc.tokens))
                 return doc
 
     def _decode(self, s: int, ref: Ref, raw: RawSample) -> TokenizedDoc | None:
         try:
-            segments, _ = decode_document(raw, self.spec["max_image_pixels"])
+            segments, _ = decode_document(raw, self.spec["max_image_pixels"], self.undecoded)
+            if self.undecoded:
+                shard = self.sources[s].reader.shard_path(ref).name
+                segments = fill_features(segments, self.stores[s], shard)
             return self.docs(segments)
         except SampleError as err:
             self.policy.sample(self.sources[s].reader.shard_path(ref), raw.key, err)
@@ -309,7 +326,7 @@ class ReaderPipeline:
         if self.packer.doc is not None and self.carry is not None:
             carry = {"source": self.carry[0], "ref": list(self.carry[1]),
                      "offset": self.packer.offset}
-        return {"mix_draws": self.mix_draws, "sources": [s.state() for s in self.sources],
+        return {"mix_draws": self.mix_draws, "consumed": list(self.consumed), "sources": [s.state() for s in self.sources],
                 "carry": carry, "skipped": dict(self.policy.counts)}
 
 
@@ -336,6 +353,9 @@ class MMLoader:
 
     `sources` are (name, train shard dir, weight) triples; `encoders` maps modality to its
     `EncoderConfig` (preprocessing only: the loader never builds the encoder weights).
+    `features` maps a frozen modality to its encoder's fingerprint: when the shard sets have
+    feature caches for it (`mmfm data encode`), its items are read from them instead of
+    decoded (batches then carry (N, P, E) encoder outputs); stale caches are refused.
     """
 
     def __init__(self, sources: list[tuple[str, str | Path, float]], tokenizer: str | Path,
@@ -343,7 +363,8 @@ class MMLoader:
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_buffer: int = 64, strict: bool = False, loss_on_markers: bool = False,
                  vocab_size: int | None = None, pin_memory: bool = False,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 features: dict[str, str] | None = None, mixture: str = "tokens") -> None:
         if not sources:
             raise UserValueError("no multimodal sources: set multimodal.sources in the config")
         if not 0 <= rank < world_size or num_workers < 0 or min(seq_len, micro_batch_size,
@@ -351,6 +372,8 @@ class MMLoader:
             raise UserValueError(f"bad loader layout: rank={rank} world_size={world_size} "
                              f"num_workers={num_workers} seq_len={seq_len} "
                              f"micro_batch_size={micro_batch_size} shuffle_buffer={shuffle_buffer}")
+        if mixture not in MIXTURE_MODES:
+            raise UserValueError(f"mixture={mixture!r} is not one of {', '.join(MIXTURE_MODES)}")
         sets = [ShardSet.open(n, d, w) for n, d, w in sources]
         _check_vocab(load_tokenizer(tokenizer), vocab_size, tokenizer)
         self.num_readers = max(1, num_workers)
@@ -361,7 +384,8 @@ class MMLoader:
                      "rank": rank, "world_size": world_size, "num_readers": self.num_readers,
                      "seed": seed, "shuffle_buffer": shuffle_buffer, "strict": strict,
                      "max_image_pixels": max_image_pixels,
-                     "loss_on_markers": loss_on_markers}
+                     "loss_on_markers": loss_on_markers, "mixture": mixture,
+                     "features": resolve_features([s.dir for s in sets], features)}
         self._states: list[dict[str, Any] | None] = [None] * self.num_readers
         self._next_worker = 0
         self._it: Iterator[dict[str, Any]] | None = None
@@ -419,6 +443,26 @@ class MMLoader:
         self._next_worker = int(state["next_worker"])
 
 
+def resolve_features(shard_dirs: list[Path], features: dict[str, str] | None
+                     ) -> dict[str, dict[str, Any]]:
+    """{modality: {"fingerprint", "out_dim"}} of the modalities whose caches the loader reads
+    (every shard set has a valid one); stale or partial caches raise FeatureCacheError."""
+    resolved = {}
+    for modality, fingerprint in (features or {}).items():
+        index = check_caches(shard_dirs, modality, fingerprint)
+        if index is not None:
+            resolved[modality] = {"fingerprint": fingerprint, "out_dim": index["out_dim"]}
+    return resolved
+
+
+def _preprocessors(encoders: dict[str, Any], cached: dict[str, dict[str, Any]]
+                   ) -> tuple[dict[str, Any], frozenset[str]]:
+    """Each modality's preprocessor (cached ones serve features), and the cached modalities."""
+    pre = {m: build_preprocessor(c) for m, c in encoders.items() if m not in cached}
+    pre.update({m: CachedFeatures(m, c["fingerprint"], c["out_dim"]) for m, c in cached.items()})
+    return pre, frozenset(cached)
+
+
 def _check_vocab(tok, vocab_size: int | None, path) -> None:
     if vocab_size is not None and tok.get_vocab_size() > vocab_size:
         raise UserValueError(f"tokenizer {path} has {tok.get_vocab_size()} tokens but "
@@ -432,15 +476,18 @@ def iter_mm_eval_batches(sources: list[tuple[str, str | Path]], tokenizer: str |
                          seq_len: int, micro_batch_size: int, encoders: dict[str, Any],
                          max_batches: int | None = None, strict: bool = False,
                          loss_on_markers: bool = False,
-                         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[MMBatch]:
+                         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                         features: dict[str, str] | None = None) -> Iterator[MMBatch]:
     """Validation batches, the same on every call: documents round-robin over the sources,
     each source's shards in index order and samples in stored order, packed like training;
     the last row is padded and the last batch may be short. Stops at `max_batches` or the
     end of the data."""
-    pre = {m: build_preprocessor(c) for m, c in encoders.items()}
+    cached = resolve_features([Path(d) for _, d in sources], features)
+    pre, undecoded = _preprocessors(encoders, cached)
     docs = DocTokenizer(load_tokenizer(tokenizer), pre, seq_len + 1, loss_on_markers)
     policy = BadInputPolicy(strict)
-    stream = _round_robin([_sequential_docs(ShardSet.open(n, d), docs, policy, max_image_pixels)
+    stream = _round_robin([_sequential_docs(ShardSet.open(n, d), docs, policy, max_image_pixels,
+                                            undecoded)
                            for n, d in sources])
     packer = Packer(seq_len + 1, docs.pad_id, lambda: next(stream, None))
     emitted = 0
@@ -453,7 +500,9 @@ def iter_mm_eval_batches(sources: list[tuple[str, str | Path]], tokenizer: str |
 
 
 def _sequential_docs(src: ShardSet, docs: DocTokenizer, policy: BadInputPolicy,
-                     max_image_pixels: int) -> Iterator[TokenizedDoc]:
+                     max_image_pixels: int,
+                     undecoded: frozenset[str] = frozenset()) -> Iterator[TokenizedDoc]:
+    stores = {m: FeatureStore(src.dir, m) for m in undecoded}
     for i, name in enumerate(src.shards):
         path = src.dir / name
         read = 0
@@ -461,7 +510,9 @@ def _sequential_docs(src: ShardSet, docs: DocTokenizer, policy: BadInputPolicy,
             for raw in iter_raw_samples(path):
                 read += 1
                 try:
-                    yield docs(decode_document(raw, max_image_pixels)[0])
+                    segments = fill_features(decode_document(raw, max_image_pixels, undecoded)[0],
+                                             stores, name)
+                    yield docs(segments)
                 except SampleError as err:
                     policy.sample(path, raw.key, err)
         except ShardError as err:

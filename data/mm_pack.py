@@ -238,6 +238,7 @@ def collate_rows(rows: list[Row], preprocessors: dict[str, Any]) -> MMBatch:
         items = [(x, n) for r in rows for m, x, n in r.media if m == modality]
         data, lengths = pre.collate([x for x, _ in items])
         media[modality] = MediaTensors(data, lengths,
-                                       torch.tensor([n for _, n in items], dtype=torch.long))
+                                       torch.tensor([n for _, n in items], dtype=torch.long),
+                                       fingerprint=getattr(pre, "fingerprint", None))
     return MMBatch(tokens_BR[:, :-1].contiguous(), labels_BT.contiguous(),
                    doc_BR[:, :-1].contiguous(), groups_BR[:, 1:].contiguous(), media)

@@ -235,9 +235,19 @@ def iter_raw_samples(path: str | Path) -> Iterator[RawSample]:
         yield current
 
 
+@dataclass(frozen=True)
+class MemberRef:
+    """A media segment left undecoded: the member name (`0.png`) within its sample."""
+
+    key: str
+    member: str
+
+
 def decode_document(raw: RawSample, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                    undecoded: frozenset[str] = frozenset()
                     ) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
-    """([(kind, value)] segments with media decoded, metadata) of one raw sample.
+    """([(kind, value)] segments with media decoded, metadata) of one raw sample. Media of a
+    kind in `undecoded` (served from a feature cache) come back as a :class:`MemberRef`.
 
     Raises SampleError with reason bad_json, missing_member, unsupported_media,
     corrupt_image, corrupt_audio, image_too_large, unsafe_member or empty_document.
@@ -252,7 +262,7 @@ def decode_document(raw: RawSample, max_image_pixels: int = DEFAULT_MAX_IMAGE_PI
             if seg["text"]:
                 segments.append(("text", seg["text"]))
             continue
-        segments.append(_decode_segment(raw, i, seg, max_image_pixels))
+        segments.append(_decode_segment(raw, i, seg, max_image_pixels, undecoded))
     if not segments:
         raise SampleError("empty_document", "the document has no text or media segments")
     return segments, {k: v for k, v in meta.items() if k != "segments"}
@@ -270,7 +280,8 @@ def _parse_json(raw: RawSample) -> dict[str, Any]:
     return meta
 
 
-def _decode_segment(raw: RawSample, i: int, seg: Any, max_pixels: int) -> tuple[str, Any]:
+def _decode_segment(raw: RawSample, i: int, seg: Any, max_pixels: int,
+                    undecoded: frozenset[str] = frozenset()) -> tuple[str, Any]:
     kind = next((k for k in ("image", "audio") if isinstance(seg, dict) and k in seg), None)
     if kind is None:
         raise SampleError("unsupported_media", f"segment {i} ({str(seg)[:60]}) is not text, "
@@ -282,6 +293,8 @@ def _decode_segment(raw: RawSample, i: int, seg: Any, max_pixels: int) -> tuple[
     if member not in raw.members:
         raise SampleError("missing_member", f"segment {i} references {raw.key}.{member}, "
                                             "which the sample does not hold")
+    if kind in undecoded:
+        return kind, MemberRef(raw.key, member)
     try:
         data = raw.members[member]
         value = decode_image(data, max_pixels) if kind == "image" else decode_audio(data)

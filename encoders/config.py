@@ -18,6 +18,7 @@ ENCODER_KINDS = {"openclip": "image", "patch": "image", "whisper": "audio"}
 TRAIN_MODES = ("trainable", "frozen", "unfreeze_after")
 PROJECTORS = ("linear", "mlp")
 ROUTING_MODES = ("shared", "modality")
+MIXTURE_MODES = ("tokens", "documents", "sample")  # mmfm.data.mm_mixture
 MODALITIES = ("text", "image", "audio")  # modality ids 0, 1, 2 everywhere
 
 
@@ -103,6 +104,13 @@ class MultimodalConfig:
     # MoE routing: one router over all tokens (shared) or modality expert groups (MoMa).
     moe_routing: str = "shared"
     modality_experts: dict[str, int] = field(default_factory=dict)  # {"text": 4, "image": 2}
+    # Read frozen encoders' outputs from the feature caches `mmfm data encode` wrote beside
+    # the shards, when every shard set has a current one (stale caches are refused).
+    feature_cache: bool = True
+    # How sources are mixed: `tokens` (each batch holds each source's weight share of tokens,
+    # within 2 documents), `documents` (the same by document count) or `sample` (random draws,
+    # weights honoured only in expectation). See mmfm.data.mm_mixture.
+    mixture: str = "tokens"
 
     def encoders(self) -> dict[str, EncoderConfig]:
         """{modality: encoder config} of the configured encoders."""
@@ -119,6 +127,7 @@ class MultimodalConfig:
         _positive(f"{path}.shuffle_buffer", self.shuffle_buffer)
         _positive(f"{path}.max_image_pixels", self.max_image_pixels)
         _choice(f"{path}.moe_routing", self.moe_routing, ROUTING_MODES)
+        _choice(f"{path}.mixture", self.mixture, MIXTURE_MODES)
         if exp is not None:
             self._validate_routing(path, exp.model)
 

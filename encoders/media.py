@@ -160,10 +160,14 @@ class MediaTensors:
     data: torch.Tensor  # (N, ...) preprocessed items, padded to the longest
     lengths: torch.Tensor  # (N,) valid length per item as the preprocessor's collate measured it
     num_tokens: torch.Tensor  # (N,) placeholder tokens the loader wrote for each item
+    # Set when `data` holds cached encoder outputs (N, P, E) rather than preprocessed media:
+    # the fingerprint of the encoder that made them (see mmfm.encoders.features).
+    fingerprint: str | None = None
 
     def to(self, device, non_blocking: bool = False) -> MediaTensors:
         return MediaTensors(*(t.to(device, non_blocking=non_blocking)
-                              for t in (self.data, self.lengths, self.num_tokens)))
+                              for t in (self.data, self.lengths, self.num_tokens)),
+                            fingerprint=self.fingerprint)
 
     def pin_memory(self) -> MediaTensors:
         return MediaTensors(*(t.pin_memory() for t in (self.data, self.lengths, self.num_tokens)))

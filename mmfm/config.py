@@ -323,6 +323,11 @@ class ExperimentConfig:
                 self.multimodal.validate("multimodal", self)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+        self._validate_layout()
+
+    def _validate_layout(self) -> None:
+        """The layouts each job supports: a rule spanning `data` and `parallel`, checked here so
+        `mmfm launch` refuses what the ranks would refuse, before any process starts."""
         p = self.parallel
         if self.data.kind != "text" and max(p.tp, p.pp, p.ep) > 1:
             raise ConfigError(f"parallel.tp={p.tp}, parallel.pp={p.pp}, parallel.ep={p.ep}: "

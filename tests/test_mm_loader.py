@@ -137,7 +137,7 @@ def test_readers_are_disjoint_and_cover_each_epoch(mm_shards, world_size, worker
 def test_mixture_follows_source_weights(mm_shards, text_data):  # noqa: F811
     loader = MMLoader([("photos", mm_shards / "photos" / "train", 3.0),
                        ("speech", mm_shards / "speech" / "train", 1.0)],
-                      text_data["tokenizer"], 64, 2, tiny_encoders())
+                      text_data["tokenizer"], 64, 2, tiny_encoders(), mixture="sample")
     pipeline = ReaderPipeline(loader.spec, 0, None)
     picks = [pipeline._pick_source() for _ in range(4000)]
     assert 0.72 < picks.count(0) / len(picks) < 0.78

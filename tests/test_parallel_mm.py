@@ -35,10 +35,11 @@ def test_multimodal_refuses_model_parallel_layouts(mm_shards, text_data, tmp_pat
     import torch.distributed as dist
 
     from mmfm.config import ConfigError
-    from mmfm.train.trainer import Trainer
 
     had_group = dist.is_initialized()
-    with pytest.raises(ConfigError, match="only data parallelism is implemented for "
-                                          "data.kind='multimodal'"):  # by config validation
-        Trainer(mm_config(mm_shards, text_data, tmp_path, **{"parallel.tp": 2}))
-    assert dist.is_initialized() == had_group  # refused before any process group
+    layouts = {"tp": {}, "ep": {}, "pp": {"parallel.microbatches": 2}}
+    for field, extra in layouts.items():  # refused by config validation, before any process group
+        with pytest.raises(ConfigError, match=rf"parallel.{field}=2.*only data parallelism is "
+                                              "implemented for data.kind='multimodal'"):
+            mm_config(mm_shards, text_data, tmp_path, **{f"parallel.{field}": 2, **extra})
+    assert dist.is_initialized() == had_group

@@ -13,15 +13,18 @@ embeddings never silently shift to the wrong positions.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from mmfm.encoders.features import FeatureCacheError
 from mmfm.encoders.media import MODALITY_IDS, MediaTensors
 from mmfm.errors import UserValueError
 from mmfm.model.decoder import Decoder, DecoderOutput
 from mmfm.model.layers import output_std
 
-__all__ = ["MODALITY_IDS", "EncoderSlot", "MediaTensors", "MultimodalModel",
+__all__ = ["MODALITY_IDS", "EncoderSlot", "FeatureCacheError", "MediaTensors", "MultimodalModel",
            "PlaceholderMismatchError", "install_modality_moe", "placeholder_runs", "scatter_media"]
 
 
@@ -34,10 +37,12 @@ class EncoderSlot(nn.Module):
     `trainable`, `frozen` (never updated) or `unfreeze_after` N optimizer steps."""
 
     def __init__(self, encoder: nn.Module, projector: nn.Module, train_mode: str = "trainable",
-                 unfreeze_after_steps: int = 0) -> None:
+                 unfreeze_after_steps: int = 0, encoder_cfg: Any = None) -> None:
         super().__init__()
         self.encoder, self.projector = encoder, projector
         self.train_mode, self.unfreeze_after_steps = train_mode, unfreeze_after_steps
+        self.encoder_cfg = encoder_cfg  # its EncoderConfig: part of the feature fingerprint
+        self._fingerprint: str | None = None
         if train_mode == "frozen":
             self.encoder.requires_grad_(False)  # kept out of the optimizer altogether
 
@@ -46,19 +51,49 @@ class EncoderSlot(nn.Module):
             self.train_mode == "unfreeze_after" and step < self.unfreeze_after_steps)
 
     def forward(self, media: MediaTensors, step: int) -> Tensor:
-        """(sum of the items' token counts, D): each item's valid tokens, items in order."""
-        frozen = self.encoder_frozen(step)
-        if frozen:
-            self.encoder.eval()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            out_NPE = self.encoder(media.data, media.lengths)
-        out_N = self.encoder.output_lengths(media.lengths.to(out_NPE.device))
+        """(sum of the items' token counts, D): each item's valid tokens, items in order.
+        Media that hold cached encoder outputs (`media.fingerprint` set) skip the encoder."""
+        if media.fingerprint is not None:
+            out_NPE, out_N = self._cached(media), media.lengths
+        else:
+            out_NPE = self._encode(media, step)
+            out_N = self.encoder.output_lengths(media.lengths.to(out_NPE.device))
         if not torch.equal(out_N.cpu(), media.num_tokens.cpu()):
             raise PlaceholderMismatchError(
                 f"{self.encoder.modality} encoder produced {out_N.tolist()} tokens per item but "
                 f"the batch reserved {media.num_tokens.tolist()} placeholders")
         valid_NP = torch.arange(out_NPE.shape[1], device=out_NPE.device)[None] < out_N[:, None]
         return self.projector(out_NPE[valid_NP])
+
+    def _encode(self, media: MediaTensors, step: int) -> Tensor:
+        frozen = self.encoder_frozen(step)
+        if frozen:
+            self.encoder.eval()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            return self.encoder(media.data, media.lengths)
+
+    def _cached(self, media: MediaTensors) -> Tensor:
+        """The cached outputs, after checking they were made by this (frozen) encoder."""
+        modality = self.encoder.modality
+        if self.train_mode != "frozen":
+            raise FeatureCacheError(f"{modality}: cached encoder features given to an encoder "
+                                    f"with train_mode={self.train_mode!r}; only frozen encoders "
+                                    "can use a feature cache")
+        if media.fingerprint != self.fingerprint():
+            raise FeatureCacheError(
+                f"{modality}: the batch holds features of encoder {media.fingerprint[:12]} but "
+                f"the model's encoder is {self.fingerprint()[:12]}: the feature cache is stale; "
+                "re-run `mmfm data encode` with this run's config")
+        return media.data
+
+    def fingerprint(self) -> str:
+        """Fingerprint of the encoder's weights and preprocessing (computed once: the encoder
+        is frozen, and weights are loaded before the first step)."""
+        if self._fingerprint is None:
+            from mmfm.encoders.features import encoder_fingerprint
+
+            self._fingerprint = encoder_fingerprint(self.encoder, self.encoder_cfg)
+        return self._fingerprint
 
 
 def placeholder_runs(mask_BT: Tensor) -> list[int]:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from mmfm.data.mm_features import read_cache_index
 from mmfm.data.mm_loader import MMLoader, iter_mm_eval_batches
 from mmfm.data.mm_pack import IGNORE_INDEX, MMBatch
 from mmfm.data.shards import check_disjoint_splits
@@ -33,6 +34,7 @@ class MultimodalTask:
             raise UserValueError("data.kind=multimodal needs a multimodal: section")
         self.cfg, self.mm = cfg, cfg.multimodal
         self.loader: MMLoader | None = None
+        self.model: MultimodalModel | None = None  # kept for the feature-cache fingerprints
 
     def build_model(self) -> MultimodalModel:
         """Decoder (with modality-aware MoE FFNs) + one encoder slot per configured modality."""
@@ -45,10 +47,23 @@ class MultimodalTask:
             encoder = registry.build(enc_cfg.kind, cfg=enc_cfg)
             projector = Projector(enc_cfg.projector, encoder.out_dim, model_cfg.d_model)
             slots[modality] = EncoderSlot(encoder, projector, enc_cfg.train_mode,
-                                          enc_cfg.unfreeze_after_steps)
+                                          enc_cfg.unfreeze_after_steps, enc_cfg)
         ids = special_token_ids(load_tokenizer(self.cfg.data.tokenizer))
-        return MultimodalModel(decoder, slots, {"image": ids[IMAGE], "audio": ids[AUDIO]},
-                               grad_accum=self.cfg.train.grad_accum)
+        self.model = MultimodalModel(decoder, slots, {"image": ids[IMAGE], "audio": ids[AUDIO]},
+                                     grad_accum=self.cfg.train.grad_accum)
+        return self.model
+
+    def feature_fingerprints(self) -> dict[str, str]:
+        """{modality: fingerprint} of the frozen encoders of the built model, whose feature
+        caches the loaders read when present (`multimodal.feature_cache`)."""
+        if self.model is None or not self.mm.feature_cache:
+            return {}
+        dirs = [d for s in self.mm.sources.values() for d in (s.train, s.val) if d]
+        # Hash weights only where a cache exists: hashing a large tower is not free, and a
+        # sharded (FSDP) tower gathers its weights to hash them.
+        return {m: slot.fingerprint() for m, slot in self.model.slots.items()
+                if slot.train_mode == "frozen"
+                and any(read_cache_index(d, m) is not None for d in dirs)}
 
     def train_loader(self, rank: int = 0, world_size: int = 1,
                      pin_memory: bool = False) -> MMLoader:
@@ -63,7 +78,8 @@ class MultimodalTask:
             self.mm.encoders(), rank=rank, world_size=world_size, num_workers=dcfg.num_workers,
             seed=self.cfg.run.seed, shuffle_buffer=self.mm.shuffle_buffer, strict=self.mm.strict,
             loss_on_markers=self.mm.loss_on_markers, vocab_size=self.cfg.model.vocab_size,
-            pin_memory=pin_memory, max_image_pixels=self.mm.max_image_pixels)
+            pin_memory=pin_memory, max_image_pixels=self.mm.max_image_pixels,
+            features=self.feature_fingerprints(), mixture=self.mm.mixture)
         next(self._eval_iter(1), None)
         return self.loader
 
@@ -78,7 +94,8 @@ class MultimodalTask:
                                     self.cfg.train.micro_batch_size, self.mm.encoders(),
                                     max_batches, strict=self.mm.strict,
                                     loss_on_markers=self.mm.loss_on_markers,
-                                    max_image_pixels=self.mm.max_image_pixels)
+                                    max_image_pixels=self.mm.max_image_pixels,
+                                    features=self.feature_fingerprints())
 
     def loss(self, model: nn.Module, batch: MMBatch) -> LossOutput:
         """Mean next-token loss over text targets, plus `loss/<group>` and `targets/<group>`
