@@ -35,7 +35,7 @@ def test_other_leftovers_are_still_errors(capsys):
 
 def test_override_on_a_command_without_overrides_is_an_error(capsys):
     with pytest.raises(SystemExit):
-        parse_args_anywhere(build_parser(), ["demo", "--steps", "3", "train.steps=5"])
+        parse_args_anywhere(build_parser(), ["report", "routing", "runs/x", "train.steps=5"])
     assert "unrecognized arguments: train.steps=5" in capsys.readouterr().err
 
 

@@ -53,6 +53,7 @@ from mmfm.train.checkpoint import (
     _sha256,
     step_dir,
 )
+from mmfm.train.diskfull import DISK_FULL_ERRNOS, disk_full_error, folder_bytes
 
 FORMAT = "mmfm-dcp"
 FORMAT_VERSION = 2  # 1: objects and scheduler were pickled inside the DCP files
@@ -237,7 +238,15 @@ def save_distributed(path: str | Path, pm: ParallelModel, optimizer, scheduler, 
     dist.barrier()
     _init_optimizer_state(pm, optimizer)
     state, _ = _state(pm, optimizer)
-    dcp.save(state, checkpoint_id=str(tmp))
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+    except BaseException as err:  # DCP reports a writer's OSError as a CheckpointException
+        if not _disk_full(err):
+            raise
+        written = folder_bytes(tmp)
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full_error(final, written, None) from None
     gathered = _gather_objects(objects or {})
     dist.barrier()
     if rank0:
@@ -255,6 +264,13 @@ def save_distributed(path: str | Path, pm: ParallelModel, optimizer, scheduler, 
             _prune(final.parent, keep)
     dist.barrier()
     return final
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether `err` (or, for DCP's CheckpointException, a rank's failure) is ENOSPC/EDQUOT."""
+    failures = [pair[0] for pair in getattr(err, "failures", {}).values()]  # (exception, trace)
+    causes = [err, *failures, err.__cause__, err.__context__]
+    return any(isinstance(c, OSError) and c.errno in DISK_FULL_ERRNOS for c in causes)
 
 
 def _gather_objects(mine: dict[str, Any]) -> dict[str, Any]:
