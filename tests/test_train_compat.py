@@ -104,7 +104,7 @@ def test_step_is_checked_against_the_scheduler_state():
         sched.step()
     state = {"scheduler": sched.state_dict()}
     check_step_matches_state(100, state, "c")
-    with pytest.raises(CheckpointMismatch, match="step=5000 but its state.pt was saved after 100"):
+    with pytest.raises(CheckpointMismatch, match="step=5000 but its saved trainer state is at step 100"):
         check_step_matches_state(5000, state, "c")
     with pytest.raises(CheckpointMismatch, match="no scheduler step count"):
         check_step_matches_state(100, {}, "c")

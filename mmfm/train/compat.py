@@ -113,7 +113,7 @@ def check_step_matches_state(meta_step: int, state: dict[str, Any], checkpoint: 
         raise CheckpointMismatch(f"checkpoint {checkpoint}: state.pt has no scheduler step count")
     if int(counted) != meta_step:
         raise CheckpointMismatch(f"checkpoint {checkpoint}: meta.json step={meta_step} but its "
-                                 f"state.pt was saved after {counted} steps")
+                                 f"saved trainer state is at step {counted}")
 
 
 def _compared(key: str) -> bool:
