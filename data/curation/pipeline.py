@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mmfm.data.curation.dedup import run_dedup
+from mmfm.data.curation.dedup_sharded import merge, run_bucket_task, run_cluster, run_exact_task
 from mmfm.data.curation.mixture import (
     count_tokens,
     get_tokenizer,
@@ -87,10 +88,33 @@ def _clear_outputs(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def make_executor(recipe: Recipe, task: ProcessTask, logging_dir: Path) -> Any:
-    """The datatrove executor the recipe asks for, running `task` on every shard."""
+class ExactDedupTask:
+    """Sharded dedup, exact step: task `rank` of `world_size` takes one hash partition."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe_dict = recipe.to_dict()
+
+    def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
+        recipe = recipe_from_dict(self.recipe_dict, where="<task>", check_paths=False)
+        run_exact_task(recipe, recipe.num_tasks(), rank, world_size)
+
+
+class BucketDedupTask(ExactDedupTask):
+    """Sharded dedup, bucket step: task `rank` takes one (band, hash range)."""
+
+    def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
+        recipe = recipe_from_dict(self.recipe_dict, where="<task>", check_paths=False)
+        run_bucket_task(recipe, recipe.num_tasks(), rank, recipe.dedup.hash_ranges,
+                        recipe.dedup.exact_partitions)
+
+
+def make_executor(recipe: Recipe, task: Any, logging_dir: Path, tasks: int | None = None,
+                  step: str = "process") -> Any:
+    """The datatrove executor the recipe asks for, running `task` as `tasks` tasks (default:
+    the recipe's stage-1 task count, one per shard)."""
     ex = recipe.executor
-    common = {"pipeline": [task], "tasks": recipe.num_tasks(), "logging_dir": str(logging_dir)}
+    common = {"pipeline": [task], "tasks": tasks or recipe.num_tasks(),
+              "logging_dir": str(logging_dir)}
     if ex.kind == "local":
         from datatrove.executor import LocalPipelineExecutor
 
@@ -99,7 +123,7 @@ def make_executor(recipe: Recipe, task: ProcessTask, logging_dir: Path) -> Any:
     if ex.kind == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
 
-        opts = {"time": "04:00:00", "partition": "cpu", "job_name": f"curate-{recipe.name}",
+        opts = {"time": "04:00:00", "partition": "cpu", "job_name": f"curate-{recipe.name}-{step}",
                 "cpus_per_task": 1, "mem_per_cpu_gb": 4, **ex.slurm}
         return SlurmPipelineExecutor(**common, **opts)
     from datatrove.executor import RayPipelineExecutor  # needs `pip install ray`
@@ -130,6 +154,58 @@ def run_processing(recipe: Recipe, cache_dir: Path) -> list[dict[str, Any]] | No
             return None
     return [json.loads((work / "process" / f"{r:05d}.stats.json").read_text())
             for r in range(world)]
+
+
+def run_dedup_stage(recipe: Recipe) -> dict[str, Any] | None:
+    """Stage 2: one process, or (``dedup.sharded``) exact and bucket task arrays on the
+    executor, then clustering; None when a cluster job was only submitted."""
+    if not recipe.dedup.sharded:
+        return run_dedup(recipe, recipe.num_tasks())
+    path = recipe.work_path() / "dedup.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    started = time.monotonic()
+    d = recipe.dedup
+    steps = [("exact", ExactDedupTask(recipe), d.exact_partitions, d.exact),
+             ("buckets", BucketDedupTask(recipe), d.bands * d.hash_ranges, d.near)]
+    seconds = {}
+    for step, task, n, wanted in steps:
+        t0 = time.monotonic()
+        if wanted and not _run_tasks(recipe, step, task, n):
+            return None
+        seconds[f"{step}_seconds"] = round(time.monotonic() - t0, 3)
+    t0 = time.monotonic()
+    near = run_cluster(recipe, recipe.num_tasks(), d.bands * d.hash_ranges) if d.near else None
+    result = merge(recipe, recipe.num_tasks(), d.exact_partitions, near)
+    seconds["cluster_seconds"] = round(time.monotonic() - t0, 3)
+    result.update(seconds=round(time.monotonic() - started, 3),
+                  near_seconds=seconds["buckets_seconds"] + seconds["cluster_seconds"],
+                  steps=seconds)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return result
+
+
+def _run_tasks(recipe: Recipe, step: str, task: Any, n: int) -> bool:
+    """Run a dedup task array of `n` tasks on the executor; True when all are done."""
+    folder = recipe.work_path() / "dedup" / step
+    suffix = ".json" if step == "exact" else ".npy"
+    done = [folder / f"{r:05d}{suffix}" for r in range(n)]
+    if all(p.is_file() for p in done):
+        return True
+    logs = recipe.work_path() / "logs" / f"dedup_{step}"
+    logs.mkdir(parents=True, exist_ok=True)
+    for r, p in enumerate(done):
+        if not p.is_file():
+            (logs / "completions" / f"{r:05d}").unlink(missing_ok=True)
+    with open(logs / "executor.log", "a") as log, redirect_stderr(log):
+        make_executor(recipe, task, logs, tasks=n, step=f"dedup-{step}").run()
+    if all(p.is_file() for p in done):
+        return True
+    if recipe.executor.kind == "local":
+        raise UserValueError(f"dedup {step} task(s) failed (logs: {logs})")
+    return False
 
 
 def _last_error(work: Path) -> str:
@@ -163,7 +239,9 @@ def curate(recipe: Recipe, *, cache_dir: Path = DEFAULT_CACHE, fresh: bool = Fal
     timings["filter_cpu_s"] = round(sum(t["filter_seconds"] for t in tasks), 2)
     timings["signature_cpu_s"] = round(sum(t["signature_seconds"] for t in tasks), 2)
     t0 = time.monotonic()
-    dedup = run_dedup(recipe, recipe.num_tasks())
+    dedup = run_dedup_stage(recipe)
+    if dedup is None:
+        return None
     timings["dedup_wall_s"] = round(time.monotonic() - t0, 2)
     t0 = time.monotonic()
     counts = write_curated(recipe, recipe.num_tasks(), dedup)
