@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_curate_pipeline import _recipe_dict, _write_recipe, corpus  # noqa: F401
 
 from mmfm.data.curation.dedup import run_dedup
 from mmfm.data.curation.dedup_sharded import (
@@ -20,8 +21,9 @@ from mmfm.data.curation.dedup_sharded import (
     run_exact_task,
 )
 from mmfm.data.curation.minhash import MinHasher, exact_hash, jaccard
+from mmfm.data.curation.pipeline import curate
 from mmfm.data.curation.process import _TaskWriter
-from mmfm.data.curation.recipe import recipe_from_dict
+from mmfm.data.curation.recipe import load_recipe, recipe_from_dict
 
 COPYRIGHT = sorted(p for p in Path("/usr/share/doc").glob("*/copyright")
                    if p.is_file() and not p.is_symlink())[:160]
@@ -140,3 +142,27 @@ def test_bad_partition_counts_are_one_line_errors(tmp_path):
         _recipe(tmp_path, hash_ranges=0)
     with pytest.raises(RecipeError, match=r"dedup\.exact_partitions: -1 must be > 0"):
         _recipe(tmp_path, exact_partitions=-1)
+
+
+
+def test_curate_sharded_output_is_byte_identical(corpus, tmp_path):  # noqa: F811
+    """End to end through the executor (a process pool of 2): the curated corpus is the
+    same bytes as with the single-process dedup."""
+    outs = []
+    for name, extra in (("one", {}), ("sharded", {"sharded": True, "exact_partitions": 3,
+                                                  "hash_ranges": 2})):
+        d = _recipe_dict(corpus, tmp_path / name / "out")
+        d["dedup"].update(extra)
+        d["executor"] = {"workers": 2 if extra else 1, "tasks": 2}
+        (tmp_path / name).mkdir()
+        curate(load_recipe(_write_recipe(tmp_path / name, d)), cache_dir=tmp_path / "cache")
+        outs.append(tmp_path / name / "out")
+    files = ["train.jsonl", "val.jsonl", *sorted(p.relative_to(outs[0]).as_posix()
+                                                 for p in (outs[0] / "curated").glob("*"))]
+    assert len(files) > 3
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    one, many = (json.loads((o / ".work" / "dedup.json").read_text()) for o in outs)
+    assert _without_timings(one) == _without_timings(many)
+    assert sum(one["exact_cluster_sizes"].values()) >= 1
+    assert "steps" in many and "steps" not in one  # the sharded path did run
