@@ -114,7 +114,7 @@ class SignatureTask:
 
 def run_stage(stage: str, work: Path, n: int, workers: int, tasks: int) -> dict[str, Any]:
     from mmfm.data.curation import pipeline
-    from mmfm.data.curation.dedup_sharded import merge, run_cluster
+    from mmfm.data.curation.dedup_sharded import DocTable, merge, run_cluster
 
     recipe = _recipe(work, workers, tasks)
     d = recipe.dedup
@@ -123,6 +123,7 @@ def run_stage(stage: str, work: Path, n: int, workers: int, tasks: int) -> dict[
         task = SignatureTask(str(work), n, sentence_pool())
         pipeline.make_executor(recipe, task, work / "logs" / "sig").run()
     elif stage == "exact":
+        DocTable(recipe, tasks).offsets()
         pipeline._run_tasks(recipe, "exact", pipeline.ExactDedupTask(recipe), d.exact_partitions)
     elif stage == "buckets":
         pipeline._run_tasks(recipe, "buckets", pipeline.BucketDedupTask(recipe),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -145,9 +146,9 @@ def test_bad_partition_counts_are_one_line_errors(tmp_path):
 
 
 
-def test_curate_sharded_output_is_byte_identical(corpus, tmp_path):  # noqa: F811
+def test_curate_sharded_output_is_byte_identical(corpus, tmp_path, capsys):  # noqa: F811
     """End to end through the executor (a process pool of 2): the curated corpus is the
-    same bytes as with the single-process dedup."""
+    same bytes as with the single-process dedup; each stage prints its summary line."""
     outs = []
     for name, extra in (("one", {}), ("sharded", {"sharded": True, "exact_partitions": 3,
                                                   "hash_ranges": 2})):
@@ -157,6 +158,11 @@ def test_curate_sharded_output_is_byte_identical(corpus, tmp_path):  # noqa: F81
         (tmp_path / name).mkdir()
         curate(load_recipe(_write_recipe(tmp_path / name, d)), cache_dir=tmp_path / "cache")
         outs.append(tmp_path / name / "out")
+        err = capsys.readouterr().err
+        for stage in ("stage 1 read/filter/sign", "dedup", "curated files", "tokenizer",
+                      "token counts", "mixture") + (("dedup exact", "dedup buckets")
+                                                    if extra else ()):
+            assert re.search(rf"^{stage}: ", err, re.M), (stage, err)
     files = ["train.jsonl", "val.jsonl", *sorted(p.relative_to(outs[0]).as_posix()
                                                  for p in (outs[0] / "curated").glob("*"))]
     assert len(files) > 3

@@ -229,14 +229,14 @@ def _load_json(folder: Path, part: int) -> dict[str, Any]:
 
 
 def _save_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # tasks may race to write shared files
     tmp.write_text(json.dumps(obj))
     os.replace(tmp, path)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # tasks may race to write shared files
     with open(tmp, "wb") as fh:
         np.save(fh, arr)
     os.replace(tmp, path)

@@ -23,12 +23,20 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from contextlib import redirect_stderr
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mmfm.data.curation.dedup import run_dedup
-from mmfm.data.curation.dedup_sharded import merge, run_bucket_task, run_cluster, run_exact_task
+from mmfm.data.curation.dedup_sharded import (
+    DocTable,
+    merge,
+    run_bucket_task,
+    run_cluster,
+    run_exact_task,
+)
 from mmfm.data.curation.mixture import (
     count_tokens,
     get_tokenizer,
@@ -38,10 +46,12 @@ from mmfm.data.curation.mixture import (
     write_mixture,
 )
 from mmfm.data.curation.process import run_process_task, task_done
+from mmfm.data.curation.progress import TaskArrayProgress, print_summary, read_counts
 from mmfm.data.curation.recipe import Recipe, recipe_from_dict
 from mmfm.data.curation.report import build_report, merge_task_stats, write_report
 from mmfm.errors import UserValueError
 
+T = TypeVar("T")
 DEFAULT_CACHE = Path.home() / ".cache" / "mmfm" / "packages"
 
 
@@ -145,8 +155,12 @@ def run_processing(recipe: Recipe, cache_dir: Path) -> list[dict[str, Any]] | No
         for r in range(world):
             if not task_done(work, r):
                 (work / "logs" / "completions" / f"{r:05d}").unlink(missing_ok=True)
+        progress = TaskArrayProgress(
+            "stage 1 read/filter/sign", world,
+            done=lambda: sum(task_done(work, r) for r in range(world)),
+            docs=lambda: read_counts(work / "process" / f"{r:05d}.count" for r in range(world)))
         # datatrove logs each task's start, pipeline and stats to stderr: keep them in a file.
-        with open(work / "logs" / "executor.log", "a") as log, redirect_stderr(log):
+        with progress, open(work / "logs" / "executor.log", "a") as log, redirect_stderr(log):
             executor.run()
         if not all(task_done(work, r) for r in range(world)):
             if recipe.executor.kind == "local":
@@ -170,6 +184,7 @@ def run_dedup_stage(recipe: Recipe) -> dict[str, Any] | None:
     d = recipe.dedup
     steps = [("exact", ExactDedupTask(recipe), d.exact_partitions, d.exact),
              ("buckets", BucketDedupTask(recipe), d.bands * d.hash_ranges, d.near)]
+    DocTable(recipe, recipe.num_tasks()).offsets()  # once, before the tasks that read it
     seconds = {}
     for step, task, n, wanted in steps:
         t0 = time.monotonic()
@@ -201,7 +216,8 @@ def _run_tasks(recipe: Recipe, step: str, task: Any, n: int) -> bool:
     for r, p in enumerate(done):
         if not p.is_file():
             (logs / "completions" / f"{r:05d}").unlink(missing_ok=True)
-    with open(logs / "executor.log", "a") as log, redirect_stderr(log):
+    progress = TaskArrayProgress(f"dedup {step}", n, done=lambda: sum(p.is_file() for p in done))
+    with progress, open(logs / "executor.log", "a") as log, redirect_stderr(log):
         make_executor(recipe, task, logs, tasks=n, step=f"dedup-{step}").run()
     if all(p.is_file() for p in done):
         return True
@@ -245,19 +261,37 @@ def curate(recipe: Recipe, *, cache_dir: Path = DEFAULT_CACHE, fresh: bool = Fal
     if dedup is None:
         return None
     timings["dedup_wall_s"] = round(time.monotonic() - t0, 2)
+    print_summary("dedup", dedup["docs"], timings["dedup_wall_s"], _dedup_detail(dedup))
     t0 = time.monotonic()
-    counts = write_curated(recipe, recipe.num_tasks(), dedup)
-    tok, tok_path = get_tokenizer(recipe, counts)
-    tokens = count_tokens(recipe, tok, counts)
+    counts = _timed("curated files", lambda: write_curated(recipe, recipe.num_tasks(), dedup),
+                    lambda c: sum(v["docs"] for v in c.values()))
+    tok, tok_path = _timed("tokenizer", lambda: get_tokenizer(recipe, counts))
+    tokens = _timed("token counts", lambda: count_tokens(recipe, tok, counts),
+                    lambda t: sum(len(v) for v in t.values()))
     tok_rep = tokenizer_report(tok, tok_path, counts, tokens)
     plan = plan_mixture(recipe, tokens)
-    entries = write_mixture(recipe, plan, tokens)
+    entries = _timed("mixture", lambda: write_mixture(recipe, plan, tokens),
+                     lambda e: sum(x["docs"]["train"] + x["docs"]["val"] for x in e))
     timings["mixture_tokenizer_wall_s"] = round(time.monotonic() - t0, 2)
     sources = merge_task_stats(recipe, tasks)
     report = build_report(recipe, sources, dedup, tok_rep, entries, timings)
     _write_manifest(recipe, out, sources, entries, report)
     write_report(report, out, recipe.report.html)
     return report
+
+
+def _timed(stage: str, fn: Callable[[], T], docs: Callable[[T], int] | None = None) -> T:
+    """Run one stage-3 step and print its summary line."""
+    t0 = time.monotonic()
+    out = fn()
+    print_summary(stage, docs(out) if docs else None, time.monotonic() - t0)
+    return out
+
+
+def _dedup_detail(dedup: dict[str, Any]) -> str:
+    kinds = Counter(r[2] for r in dedup["removed"])
+    return (f"removed {kinds['exact_duplicate']:,} exact + {kinds['near_duplicate']:,} near "
+            f"duplicates")
 
 
 def _write_manifest(recipe: Recipe, out: Path, sources: dict[str, Any],

@@ -10,6 +10,7 @@ task 0, which sees every record). Its outputs, in ``WORK/process/``::
     {rank}.sig.npy    uint32 [docs, bands*rows] MinHash signatures (empty without near dedup)
     {rank}.stats.json per source and stage counts, removed examples, timings; written last
                       (temp + rename), so its presence means the task finished
+    {rank}.count      documents this task has run through its chains so far (progress)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from mmfm.data.curation.filters import Stage, build_chain
 from mmfm.data.curation.minhash import MinHasher, exact_hash, words
+from mmfm.data.curation.progress import CountWriter
 from mmfm.data.curation.recipe import Recipe, SourceSpec
 from mmfm.data.curation.sources import SourceStats, iter_source
 
@@ -79,6 +81,7 @@ def _process_source(recipe: Recipe, src: SourceSpec, rank: int, world: int, cach
         for i, doc in enumerate(iter_source(recipe, src, read, cache_dir)):
             if i % world != rank:
                 continue
+            writer.seen.add()
             t0 = time.perf_counter()
             removed = _run_chain(chain, doc, counts, reasons, examples, k,
                                  recipe.report.example_chars)
@@ -127,6 +130,7 @@ class _TaskWriter:
         self.meta: list[list[Any]] = []
         self.sigs: list[np.ndarray] = []
         self.sig_seconds = 0.0
+        self.seen = CountWriter(out / f"{rank:05d}.count")
 
     def write(self, doc: dict[str, Any]) -> None:
         text = doc["text"]
@@ -141,6 +145,7 @@ class _TaskWriter:
         self.docs.close()
 
     def commit(self) -> None:
+        self.seen.flush()
         base = self.out / f"{self.rank:05d}"
         width = self.hasher.num_perm if self.hasher is not None else 0
         sigs = np.stack(self.sigs) if self.sigs else np.zeros((0, width), dtype=np.uint32)
