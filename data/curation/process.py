@@ -74,6 +74,7 @@ def _process_source(recipe: Recipe, src: SourceSpec, rank: int, world: int, cach
                  "seconds": 0.0} for s in chain}
     examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
     reasons: dict[str, int] = defaultdict(int)
+    fired: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     k = recipe.report.examples_per_filter
     filter_s = 0.0
     note: str | None = None
@@ -84,7 +85,7 @@ def _process_source(recipe: Recipe, src: SourceSpec, rank: int, world: int, cach
             writer.seen.add()
             t0 = time.perf_counter()
             removed = _run_chain(chain, doc, counts, reasons, examples, k,
-                                 recipe.report.example_chars)
+                                 recipe.report.example_chars, fired)
             filter_s += time.perf_counter() - t0
             if not removed:
                 writer.write(doc)
@@ -94,13 +95,16 @@ def _process_source(recipe: Recipe, src: SourceSpec, rank: int, world: int, cach
         note = f"optional source skipped: {e}"
     return {"read": read.as_dict() if rank == 0 else None, "stages": counts,
             "reasons": dict(reasons), "examples": dict(examples), "filter_seconds": filter_s,
+            "fired_words": {r: dict(c) for r, c in fired.items()},
             "note": note}
 
 
 def _run_chain(chain: list[Stage], doc: dict[str, Any], counts: dict[str, dict[str, int]],
                reasons: dict[str, int], examples: dict[str, list[dict[str, Any]]], k: int,
-               example_chars: int) -> bool:
-    """Run one document through the chain, counting; True if a stage removed it."""
+               example_chars: int, fired: dict[str, dict[str, int]] | None = None) -> bool:
+    """Run one document through the chain, counting; True if a stage removed it. A stage
+    that explains a removal (``doc["_evidence"]``: rule, words, spans) has its words counted
+    in `fired` and its example cut around the first span, with the spans kept."""
     for stage in chain:
         c = counts[stage.name]
         before = doc["text"]
@@ -109,16 +113,33 @@ def _run_chain(chain: list[Stage], doc: dict[str, Any], counts: dict[str, dict[s
         t0 = time.perf_counter()
         reason = stage(doc)
         c["seconds"] += time.perf_counter() - t0
+        evidence = doc.pop("_evidence", None)
         if reason is not None:
             reasons[reason] += 1
+            if evidence and fired is not None:
+                for w, n in evidence.get("words", {}).items():
+                    fired[reason][w] += n
             if len(examples[reason]) < k:
                 examples[reason].append({"id": doc.get("id"), "stage": stage.name,
-                                         "text": before[:example_chars]})
+                                         **example_window(before, example_chars, evidence)})
             return True
         c["docs_out"] += 1
         c["chars_out"] += len(doc["text"])
         c["modified"] += doc["text"] is not before and doc["text"] != before
     return False
+
+
+def example_window(text: str, chars: int, evidence: dict[str, Any] | None
+                   ) -> dict[str, Any]:
+    """The removed example: `chars` characters of `text`, starting a little before the first
+    triggering span when there is one; spans re-based to the snippet, the rest dropped."""
+    if not evidence:
+        return {"text": text[:chars]}
+    spans = evidence.get("spans") or []
+    start = 0 if not spans or spans[0][1] <= chars else max(0, spans[0][0] - chars // 4)
+    inside = [[a - start, b - start] for a, b in spans if a >= start and b <= start + chars]
+    return {"text": text[start:start + chars], "offset": start, "rule": evidence.get("rule"),
+            "words": evidence.get("words", {}), "spans": inside}
 
 
 class _TaskWriter:

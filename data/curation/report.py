@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ def merge_task_stats(recipe: Recipe, tasks: list[dict[str, Any]]) -> dict[str, A
         stages: dict[str, dict[str, int]] = {}
         reasons: dict[str, int] = defaultdict(int)
         examples: dict[str, list[Any]] = defaultdict(list)
+        fired: dict[str, Counter[str]] = defaultdict(Counter)
         notes = set()
         for t in tasks:
             s = t["sources"][src.name]
@@ -41,11 +42,14 @@ def merge_task_stats(recipe: Recipe, tasks: list[dict[str, Any]]) -> dict[str, A
                 reasons[r] += n
             for r, ex in s["examples"].items():
                 examples[r].extend(ex[: k - len(examples[r])])
+            for r, words in s.get("fired_words", {}).items():
+                fired[r].update(words)
             if s.get("note"):
                 notes.add(s["note"])
         out[src.name] = {"kind": src.kind, "license": src.license, "read": read.as_dict(),
                          "stages": stages, "removed_by_reason": dict(reasons),
-                         "removed_examples": dict(examples), "notes": sorted(notes)}
+                         "removed_examples": dict(examples), "notes": sorted(notes),
+                         "fired_words": {r: dict(c.most_common()) for r, c in fired.items()}}
     return out
 
 
