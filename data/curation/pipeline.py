@@ -274,7 +274,7 @@ def curate(recipe: Recipe, *, cache_dir: Path = DEFAULT_CACHE, fresh: bool = Fal
                      lambda e: sum(x["docs"]["train"] + x["docs"]["val"] for x in e))
     timings["mixture_tokenizer_wall_s"] = round(time.monotonic() - t0, 2)
     sources = merge_task_stats(recipe, tasks)
-    report = build_report(recipe, sources, dedup, tok_rep, entries, timings)
+    report = build_report(recipe, sources, dedup, tok_rep, entries, timings, counts)
     _write_manifest(recipe, out, sources, entries, report)
     write_report(report, out, recipe.report.html)
     return report

@@ -28,6 +28,7 @@ from mmfm.data.curation.filters import Stage, build_chain
 from mmfm.data.curation.minhash import MinHasher, exact_hash, words
 from mmfm.data.curation.progress import CountWriter
 from mmfm.data.curation.recipe import Recipe, SourceSpec
+from mmfm.data.curation.report import length_bin
 from mmfm.data.curation.sources import SourceStats, iter_source
 
 META_KEYS = ("source", "id")
@@ -75,6 +76,7 @@ def _process_source(recipe: Recipe, src: SourceSpec, rank: int, world: int, cach
     examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
     reasons: dict[str, int] = defaultdict(int)
     fired: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    lengths: dict[str, dict[str, int]] = {"read": defaultdict(int), "filtered": defaultdict(int)}
     k = recipe.report.examples_per_filter
     filter_s = 0.0
     note: str | None = None
@@ -83,11 +85,13 @@ def _process_source(recipe: Recipe, src: SourceSpec, rank: int, world: int, cach
             if i % world != rank:
                 continue
             writer.seen.add()
+            lengths["read"][str(length_bin(len(doc["text"])))] += 1
             t0 = time.perf_counter()
             removed = _run_chain(chain, doc, counts, reasons, examples, k,
                                  recipe.report.example_chars, fired)
             filter_s += time.perf_counter() - t0
             if not removed:
+                lengths["filtered"][str(length_bin(len(doc["text"])))] += 1
                 writer.write(doc)
     except (OSError, ValueError, RuntimeError) as e:  # an optional source that is not here
         if not src.optional:
@@ -96,6 +100,7 @@ def _process_source(recipe: Recipe, src: SourceSpec, rank: int, world: int, cach
     return {"read": read.as_dict() if rank == 0 else None, "stages": counts,
             "reasons": dict(reasons), "examples": dict(examples), "filter_seconds": filter_s,
             "fired_words": {r: dict(c) for r, c in fired.items()},
+            "length_hist": {k: dict(v) for k, v in lengths.items()},
             "note": note}
 
 
