@@ -150,6 +150,8 @@ def draw_clusters(fig: Figure, report: dict[str, Any]) -> None:
         ax.bar([s + (j - 0.5) * width for s in sizes], [hist[str(s)] for s in sizes],
                width=width, label=f"{kind} ({sum(hist.values()):,} clusters)")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=0.5)  # a single cluster still shows as a bar
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("cluster size (documents; one kept, the others removed)")
     ax.set_ylabel("clusters")
     ax.set_title("Duplicate-cluster sizes")
