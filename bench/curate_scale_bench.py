@@ -114,7 +114,7 @@ class SignatureTask:
 
 def run_stage(stage: str, work: Path, n: int, workers: int, tasks: int) -> dict[str, Any]:
     from mmfm.data.curation import pipeline
-    from mmfm.data.curation.dedup_sharded import DocTable, merge, run_cluster
+    from mmfm.data.curation.dedup_sharded import DocTable, exact_removed, merge, run_cluster
 
     recipe = _recipe(work, workers, tasks)
     d = recipe.dedup
@@ -126,6 +126,7 @@ def run_stage(stage: str, work: Path, n: int, workers: int, tasks: int) -> dict[
         DocTable(recipe, tasks).offsets()
         pipeline._run_tasks(recipe, "exact", pipeline.ExactDedupTask(recipe), d.exact_partitions)
     elif stage == "buckets":
+        exact_removed(recipe, d.exact_partitions)
         pipeline._run_tasks(recipe, "buckets", pipeline.BucketDedupTask(recipe),
                             d.bands * d.hash_ranges)
     else:

@@ -172,3 +172,20 @@ def test_curate_sharded_output_is_byte_identical(corpus, tmp_path, capsys):  # n
     assert _without_timings(one) == _without_timings(many)
     assert sum(one["exact_cluster_sizes"].values()) >= 1
     assert "steps" in many and "steps" not in one  # the sharded path did run
+
+
+def test_a_new_partitioning_clears_partial_results(planted, tmp_path):
+    from mmfm.data.curation.pipeline import run_dedup_stage
+
+    single = run_dedup(_stage1_recipe(tmp_path / "one", planted, 2), 2)
+    recipe = _stage1_recipe(tmp_path / "many", planted, 2, sharded=True, exact_partitions=2)
+    for p in range(2):  # a run that stopped after its exact step
+        run_exact_task(recipe, 2, p, 2)
+    (tmp_path / "many" / "dedup" / "plan.json").write_text(
+        json.dumps({"exact_partitions": 2, "hash_ranges": 1}))
+    again = _recipe(tmp_path / "many", sharded=True, exact_partitions=3, hash_ranges=2)
+    again.executor.tasks = 2
+    result = run_dedup_stage(again)
+    assert _without_timings(result) == _without_timings(single)
+    assert sorted(p.name for p in (tmp_path / "many" / "dedup" / "exact").glob("*.json")) == \
+        ["00000.json", "00001.json", "00002.json"]

@@ -21,8 +21,9 @@ clusters are ordered by their smallest member and ties in the keep rule break on
 (tests/test_curate_dedup_sharded.py checks it, on planted duplicates and end to end).
 
 Memory per task, N documents in all, D of them removed as exact duplicates, E edges:
-exact task ~ N/P x (hash + id + 2 ints); bucket task ~ N/R x 16 bytes (band key + gid) plus
-D x 8 bytes (the exact-removed gids) plus one stage-1 task's signature file, memory-mapped;
+exact task ~ N/P x (hash + id + 2 ints); bucket task ~ N/R x 16 bytes (band key + gid), plus
+one stage-1 task's slice of the exact-removed gids and of its signature file (both
+memory-mapped);
 cluster step ~ E x 40 bytes (edges + graph), E <= B x (documents that share a bucket);
 merge ~ the removed list (which is dedup.json itself).
 """
@@ -124,11 +125,15 @@ def run_exact_task(recipe: Recipe, world: int, part: int, parts: int) -> None:
 
 
 def exact_removed(recipe: Recipe, parts: int) -> np.ndarray:
-    """Sorted gids removed by exact dedup (all partitions)."""
-    if not recipe.dedup.exact:
-        return np.empty(0, dtype=np.int64)
-    gids = [r[0] for p in range(parts) for r in _load_json(_dir(recipe, "exact"), p)["removed"]]
-    return np.sort(np.asarray(gids, dtype=np.int64))
+    """Sorted gids removed by exact dedup (all partitions), memory-mapped from
+    ``WORK/dedup/exact_removed.npy`` (written once, by the first caller)."""
+    path = recipe.work_path() / "dedup" / "exact_removed.npy"
+    if not path.is_file():
+        gids = [r[0] for p in range(parts)
+                for r in _load_json(_dir(recipe, "exact"), p)["removed"]] \
+            if recipe.dedup.exact else []
+        _save_npy(path, np.sort(np.asarray(gids, dtype=np.int64)))
+    return np.load(path, mmap_mode="r")
 
 
 def run_bucket_task(recipe: Recipe, world: int, task: int, ranges: int, exact_parts: int
@@ -147,7 +152,8 @@ def run_bucket_task(recipe: Recipe, world: int, task: int, ranges: int, exact_pa
         sig = np.load(recipe.work_path() / "process" / f"{t:05d}.sig.npy", mmap_mode="r")
         part = np.asarray(sig[:, band * rows:(band + 1) * rows])
         gid = np.arange(offsets[t], offsets[t + 1], dtype=np.int64)
-        mine = (part[:, 0] % ranges == rng) & ~np.isin(gid, dropped)
+        lo, hi = np.searchsorted(dropped, [offsets[t], offsets[t + 1]])
+        mine = (part[:, 0] % ranges == rng) & ~np.isin(gid, dropped[lo:hi])
         if mine.any():
             keys.append(band_keys(part[mine], 1, rows)[:, 0])
             gids.append(gid[mine])

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from mmfm.data.curation.dedup import run_dedup
 from mmfm.data.curation.dedup_sharded import (
     DocTable,
+    exact_removed,
     merge,
     run_bucket_task,
     run_cluster,
@@ -184,12 +185,15 @@ def run_dedup_stage(recipe: Recipe) -> dict[str, Any] | None:
     d = recipe.dedup
     steps = [("exact", ExactDedupTask(recipe), d.exact_partitions, d.exact),
              ("buckets", BucketDedupTask(recipe), d.bands * d.hash_ranges, d.near)]
+    _check_dedup_plan(recipe)
     DocTable(recipe, recipe.num_tasks()).offsets()  # once, before the tasks that read it
     seconds = {}
     for step, task, n, wanted in steps:
         t0 = time.monotonic()
         if wanted and not _run_tasks(recipe, step, task, n):
             return None
+        if step == "exact":
+            exact_removed(recipe, d.exact_partitions)  # once, before the bucket tasks
         seconds[f"{step}_seconds"] = round(time.monotonic() - t0, 3)
     t0 = time.monotonic()
     near = run_cluster(recipe, recipe.num_tasks(), d.bands * d.hash_ranges) if d.near else None
@@ -202,6 +206,19 @@ def run_dedup_stage(recipe: Recipe) -> dict[str, Any] | None:
     tmp.write_text(json.dumps(result))
     os.replace(tmp, path)
     return result
+
+
+def _check_dedup_plan(recipe: Recipe) -> None:
+    """The partitioning is not in the recipe fingerprint (it does not change the output), so
+    partial results of another partitioning are cleared here instead."""
+    folder = recipe.work_path() / "dedup"
+    plan = {"exact_partitions": recipe.dedup.exact_partitions,
+            "hash_ranges": recipe.dedup.hash_ranges}
+    path = folder / "plan.json"
+    if folder.exists() and (not path.is_file() or json.loads(path.read_text()) != plan):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan))
 
 
 def _run_tasks(recipe: Recipe, step: str, task: Any, n: int) -> bool:
