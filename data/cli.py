@@ -211,8 +211,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     report = curate(recipe, cache_dir=args.cache, fresh=args.fresh)
     if report is None:
-        print(f"stage 1 submitted to {recipe.executor.kind}; rerun this command when its "
-              "tasks have finished")
+        print(f"a task array (stage 1 or the sharded dedup) was submitted to "
+              f"{recipe.executor.kind}; rerun this command when its tasks have finished")
         return 0
     for e in report["mixture"]:
         m = e["mixture"]
