@@ -22,7 +22,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-KEPT_COLOR = "#4c9a5b"
+KEPT_COLOR = "#d0d0d0"  # light grey, so the removals stand out
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -93,7 +93,8 @@ def _png(draw: Callable[[Figure, dict[str, Any]], None], report: dict[str, Any])
 def draw_funnel(fig: Figure, report: dict[str, Any]) -> None:
     rows = funnel_rows(report)
     steps = list(dict.fromkeys(st for r in rows.values() for st, _ in r if st != "kept"))
-    colors = {st: colormaps["tab20"](i % 20) for i, st in enumerate(steps)}
+    palette = [c for i, c in enumerate(colormaps["tab20"].colors) if i not in (14, 15)]
+    colors = {st: palette[i % len(palette)] for i, st in enumerate(steps)}  # no greys
     colors["kept"] = KEPT_COLOR
     ax = fig.add_subplot()
     names = list(rows)
@@ -108,8 +109,7 @@ def draw_funnel(fig: Figure, report: dict[str, Any]) -> None:
         ax.text(1.01, y, f"{total:,} docs", va="center", fontsize=8)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left",
-              bbox_to_anchor=(1.12, 1.0))
+    fig.legend(unique.values(), unique.keys(), fontsize=7, loc="outside right upper")
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
