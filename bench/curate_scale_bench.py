@@ -193,7 +193,7 @@ def one_run(n: int, workers: int, tasks: int) -> dict[str, Any]:
             stages.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"  {n} docs, {workers} worker(s): {stages[-1]}", file=sys.stderr)
         sig_bytes = sum(p.stat().st_size for p in (work / "process").glob("*.sig.npy"))
-        quality = evaluate(work, n) if workers == 1 else {}
+        quality = evaluate(work, n)
     return {"docs": n, "workers": workers, "tasks": tasks, "stages": stages,
             "total_seconds": round(sum(s["seconds"] for s in stages), 2),
             "signature_mb": round(sig_bytes / 2**20, 1), **quality}

@@ -58,3 +58,21 @@ def test_bars_are_off_when_stderr_is_not_a_terminal():
     out = io.StringIO()  # not a tty: tqdm's disable=None turns the bar off
     list(iter_progress(range(5), "x", total=5, file=out))
     assert out.getvalue() == ""
+
+
+def _noop_task(data, rank: int = 0, world_size: int = 1) -> None:
+    return None
+
+
+def test_pool_executor_logs_go_to_the_log_file_not_the_terminal(tmp_path, capfd):
+    from datatrove.executor import LocalPipelineExecutor
+
+    from mmfm.data.curation.pipeline import executor_log
+
+    ex = LocalPipelineExecutor(pipeline=[_noop_task], tasks=2, workers=2,
+                               logging_dir=str(tmp_path / "logs"), start_method="fork")
+    with executor_log(tmp_path / "executor.log"):
+        ex.run()
+    err = capfd.readouterr().err
+    assert "All 2 tasks" not in err  # datatrove's merged stats, from the pool's driver
+    assert "All 2 tasks" in (tmp_path / "executor.log").read_text()

@@ -24,8 +24,8 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
-from contextlib import redirect_stderr
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -161,7 +161,7 @@ def run_processing(recipe: Recipe, cache_dir: Path) -> list[dict[str, Any]] | No
             done=lambda: sum(task_done(work, r) for r in range(world)),
             docs=lambda: read_counts(work / "process" / f"{r:05d}.count" for r in range(world)))
         # datatrove logs each task's start, pipeline and stats to stderr: keep them in a file.
-        with progress, open(work / "logs" / "executor.log", "a") as log, redirect_stderr(log):
+        with progress, executor_log(work / "logs" / "executor.log"):
             executor.run()
         if not all(task_done(work, r) for r in range(world)):
             if recipe.executor.kind == "local":
@@ -208,6 +208,21 @@ def run_dedup_stage(recipe: Recipe) -> dict[str, Any] | None:
     return result
 
 
+@contextmanager
+def executor_log(path: Path) -> Iterator[None]:
+    """Send what datatrove writes to stderr (its loguru sink included) to `path`, and give
+    the sink back to the terminal after. datatrove re-binds its sink to ``sys.stderr`` per
+    in-process task; a process pool's driver keeps its own, so it is re-bound here too."""
+    from datatrove.utils.logging import setup_default_logger
+
+    try:
+        with open(path, "a") as log, redirect_stderr(log):
+            setup_default_logger()
+            yield
+    finally:
+        setup_default_logger()
+
+
 def _check_dedup_plan(recipe: Recipe) -> None:
     """The partitioning is not in the recipe fingerprint (it does not change the output), so
     partial results of another partitioning are cleared here instead."""
@@ -234,7 +249,7 @@ def _run_tasks(recipe: Recipe, step: str, task: Any, n: int) -> bool:
         if not p.is_file():
             (logs / "completions" / f"{r:05d}").unlink(missing_ok=True)
     progress = TaskArrayProgress(f"dedup {step}", n, done=lambda: sum(p.is_file() for p in done))
-    with progress, open(logs / "executor.log", "a") as log, redirect_stderr(log):
+    with progress, executor_log(logs / "executor.log"):
         make_executor(recipe, task, logs, tasks=n, step=f"dedup-{step}").run()
     if all(p.is_file() for p in done):
         return True
