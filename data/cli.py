@@ -12,6 +12,7 @@ import itertools
 import time
 from pathlib import Path
 
+from mmfm.data.curation.progress import iter_progress
 from mmfm.data.readers import ReadStats
 from mmfm.errors import UserValueError
 
@@ -185,7 +186,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     first = next(docs, None)
     if first is None:  # check before training, so no empty tokenizer file is written
         raise UserValueError(f"no documents with a {args.text_field!r} field in {path}")
-    texts = (d["text"] for d in itertools.chain([first], docs))
+    texts = (d["text"] for d in iter_progress(itertools.chain([first], docs), "tokenizer",
+                                                total=count_lines(path)))
     started = time.monotonic()
     tok = train_tokenizer(texts, args.vocab_size, args.out)
     print(f"tokenizer with {tok.get_vocab_size()} tokens trained on {stats.docs} documents "
@@ -214,7 +216,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
         path = _corpus_split(args.corpus, split)
         stats = ReadStats()
         started = time.monotonic()
-        docs = read_jsonl(path, text_field=args.text_field, stats=stats)
+        docs = iter_progress(read_jsonl(path, text_field=args.text_field, stats=stats),
+                             f"{split} shards", total=count_lines(path))
         index = write_token_shards(docs, tok, args.out / split,
                                    docs_per_shard=args.docs_per_shard)
         print(f"{split}: {index['num_samples']} documents, {index['num_tokens']:,} tokens in "
@@ -236,8 +239,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     report = curate(recipe, cache_dir=args.cache, fresh=args.fresh)
     if report is None:
-        print(f"stage 1 submitted to {recipe.executor.kind}; rerun this command when its "
-              "tasks have finished")
+        print(f"a task array (stage 1 or the sharded dedup) was submitted to "
+              f"{recipe.executor.kind}; rerun this command when its tasks have finished")
         return 0
     for e in report["mixture"]:
         m = e["mixture"]
@@ -248,6 +251,14 @@ def cmd_curate(args: argparse.Namespace) -> int:
     print(f"curated corpus in {recipe.output}{state} in {time.monotonic() - started:.1f}s; "
           f"report: {Path(recipe.output) / 'report.md'}")
     return 0
+
+
+def count_lines(path: Path) -> int | None:
+    """Lines of a JSONL file (the progress bar's total), None for a directory."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as fh:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
 
 
 def _print_skips(stats: ReadStats, path: Path) -> None:

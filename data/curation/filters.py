@@ -30,11 +30,14 @@ pii                  here (emails, IPv4/IPv6 checked by ``ipaddress``, phone    
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import ipaddress
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -307,34 +310,135 @@ def profanity_words() -> tuple[frozenset[str], tuple[str, ...]]:
 
 _WORD = re.compile(r"[\w']+")
 
+# Words that put a listed word in a medical, biological, legal or historical sense: the
+# bundled list holds anatomical and sexual-health terms that encyclopedic text uses plainly
+# ("sexual reproduction", "the ovary is an organ", "age of consent").
+CONTEXT_WORDS = frozenset("""
+    anatomy anatomical biology biological medical medicine clinical disease diseases
+    infection infections health hygiene organ organs tissue tissues cell cells gland glands
+    hormone hormones reproduction reproductive species mammal mammals animal animals plant
+    plants flower flowers fruit fruits fertilization embryo pregnancy gonad gonads genital
+    genitals uterus ovary ovum sperm testis chromosome chromosomes gene genes genetic
+    physiology physiological puberty contraception contraceptive symptoms treatment therapy
+    patients patient virus bacteria law laws legal legislation crime criminal court rights
+    consent education research study studies psychology psychological sociology history
+    historical century war genocide regime religion religious theology church scripture
+    gender orientation identity behavior behaviour dimorphism male female males females
+    abuse assault harassment violence minors offence offense prosecution statute
+    jurisdiction transmitted syndrome cancer surgery surgical procedure disorder diagnosis
+    urinary menstruation menstrual fertility hormonal physician physicians
+""".split())
+
+
+@dataclass
+class ProfanityHits:
+    """What the profanity stage saw: the listed words that counted (with character spans),
+    those spared by the allow-list or the context rule, and the number of words."""
+
+    n_words: int
+    fired: list[tuple[str, int, int]] = field(default_factory=list)  # (word, start, end)
+    spared: list[tuple[str, str]] = field(default_factory=list)  # (word, "allow"|"context")
+
+    @property
+    def count(self) -> int:
+        return len(self.fired)
+
 
 class ProfanityFilter(Stage):
     """Remove documents where more than `max_ratio` of words (and at least `min_count`)
     are on better-profanity's bundled list (~900 entries). A ratio, not a single hit:
-    literature and licences legitimately contain the odd listed word."""
+    literature and licences legitimately contain the odd listed word.
+
+    Tuning (docs/data.md, "Safety filter"): `allow` words never count; `allow_by_source`
+    maps a source name to more such words; with `context_window` > 0 a listed word does
+    not count when one of `context_words` (default :data:`CONTEXT_WORDS`, medical,
+    biological, legal and historical terms) is within that many words of it. A removed
+    document records which words fired and where (``doc["_evidence"]``) for the report."""
 
     name = "profanity"
 
-    def __init__(self, max_ratio: float = 0.01, min_count: int = 3):
+    def __init__(self, max_ratio: float = 0.01, min_count: int = 3,
+                 allow: list[str] | None = None,
+                 allow_by_source: dict[str, list[str]] | None = None,
+                 context_window: int = 0, context_words: list[str] | None = None):
+        if context_window < 0:
+            raise UserValueError(f"profanity.context_window: {context_window} must be >= 0")
         self.max_ratio = max_ratio
         self.min_count = min_count
+        self.allow = frozenset(w.lower() for w in allow or ())
+        self.allow_by_source = {k: frozenset(w.lower() for w in v)
+                                for k, v in (allow_by_source or {}).items()}
+        self.context_window = context_window
+        self.context_words = frozenset(w.lower() for w in context_words) \
+            if context_words is not None else CONTEXT_WORDS
 
     def __call__(self, doc: Document) -> str | None:
-        count, n_words = count_profanity(doc["text"])
-        doc["profanity"] = count
-        if count >= self.min_count and count > self.max_ratio * max(n_words, 1):
+        allow = self.allow | self.allow_by_source.get(str(doc.get("source")), frozenset())
+        hits = find_profanity(doc["text"], allow, self.context_window, self.context_words)
+        doc["profanity"] = hits.count
+        if hits.count >= self.min_count and hits.count > self.max_ratio * max(hits.n_words, 1):
+            doc["_evidence"] = {"rule": f"more than {self.max_ratio:g} of {hits.n_words} "
+                                        f"words listed (min {self.min_count})",
+                                "words": dict(Counter(w for w, _, _ in hits.fired)),
+                                "spans": [[a, b] for _, a, b in hits.fired]}
             return "profanity:ratio"
         return None
 
 
-def count_profanity(text: str) -> tuple[int, int]:
+def find_profanity(text: str, allow: frozenset[str] = frozenset(), context_window: int = 0,
+                   context_words: frozenset[str] = CONTEXT_WORDS) -> ProfanityHits:
+    """Listed words and phrases in `text` with their spans, less the allowed ones and (with
+    `context_window`) those near a context word."""
     words, phrases = profanity_words()
-    tokens = _WORD.findall(text.lower())
-    count = sum(1 for t in tokens if t in words)
-    if phrases:
-        joined = " ".join(tokens)
-        count += sum(joined.count(p) for p in phrases)
-    return count, len(tokens)
+    tokens = [(m.group(0).lower(), m.start(), m.end()) for m in _WORD.finditer(text)]
+    found = [(t, a, b, i, i) for i, (t, a, b) in enumerate(tokens) if t in words]
+    by_first = _phrases_by_first_word(phrases)
+    for i, (t, a, _) in enumerate(tokens):
+        for parts in by_first.get(t, ()):
+            j = i + len(parts) - 1
+            if j < len(tokens) and all(tokens[i + k][0] == w for k, w in enumerate(parts)):
+                found.append((" ".join(parts), a, tokens[j][2], i, j))
+    hits = ProfanityHits(n_words=len(tokens))
+    # a listed word is never context for another ("sex organ" spares neither)
+    near = _context_positions(tokens, context_words - words) if context_window else []
+    for word, a, b, first, last in sorted(found, key=lambda h: h[1]):
+        if word in allow:
+            hits.spared.append((word, "allow"))
+        elif near and _within(near, first, last, context_window):
+            hits.spared.append((word, "context"))
+        else:
+            hits.fired.append((word, a, b))
+    return hits
+
+
+@lru_cache(maxsize=1)
+def _phrases_by_first_word(phrases: tuple[str, ...]) -> dict[str, list[list[str]]]:
+    out: dict[str, list[list[str]]] = {}
+    for p in phrases:
+        parts = _WORD.findall(p)
+        out.setdefault(parts[0], []).append(parts)
+    return out
+
+
+def _context_positions(tokens: list[tuple[str, int, int]], context: frozenset[str]
+                       ) -> list[int]:
+    return [i for i, (t, _, _) in enumerate(tokens) if t in context]
+
+
+def _within(positions: list[int], first: int, last: int, window: int) -> bool:
+    """Is a context word within `window` tokens of the hit (and not the hit itself)?"""
+    for p in positions[bisect.bisect_left(positions, first - window):]:
+        if p > last + window:
+            return False
+        if not first <= p <= last:
+            return True
+    return False
+
+
+def count_profanity(text: str) -> tuple[int, int]:
+    """(listed words and phrases, words) with no allow-list or context rule."""
+    hits = find_profanity(text)
+    return hits.count, hits.n_words
 
 
 EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"

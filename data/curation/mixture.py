@@ -27,6 +27,7 @@ from typing import Any
 
 from mmfm.data.corpus import choose_holdout, holdout_score
 from mmfm.data.curation.recipe import Recipe
+from mmfm.data.curation.report import length_bin
 
 SPLITS = ("train", "val")
 
@@ -41,7 +42,8 @@ def write_curated(recipe: Recipe, world: int, dedup: dict[str, Any]) -> dict[str
     removed = {(r, line) for r, line, *_ in dedup["removed"]}
     names = [s.name for s in recipe.sources]
     files = {n: open(out / f".{n}.jsonl.tmp", "w", encoding="utf-8") for n in names}
-    counts = {n: {"docs": 0, "chars": 0, "bytes": 0} for n in names}
+    counts: dict[str, Any] = {n: {"docs": 0, "chars": 0, "bytes": 0, "length_hist": {}}
+                              for n in names}
     try:
         for rank in range(world):
             path = recipe.work_path() / "process" / f"{rank:05d}.jsonl"
@@ -55,6 +57,8 @@ def write_curated(recipe: Recipe, world: int, dedup: dict[str, Any]) -> dict[str
                     c["docs"] += 1
                     c["chars"] += len(doc["text"])
                     c["bytes"] += len(doc["text"].encode("utf-8"))
+                    b = str(length_bin(len(doc["text"])))
+                    c["length_hist"][b] = c["length_hist"].get(b, 0) + 1
     finally:
         for fh in files.values():
             fh.close()

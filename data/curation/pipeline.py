@@ -23,11 +23,21 @@ import os
 import shutil
 import sys
 import time
-from contextlib import redirect_stderr
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mmfm.data.curation.dedup import run_dedup
+from mmfm.data.curation.dedup_sharded import (
+    DocTable,
+    exact_removed,
+    merge,
+    run_bucket_task,
+    run_cluster,
+    run_exact_task,
+)
 from mmfm.data.curation.mixture import (
     count_tokens,
     get_tokenizer,
@@ -37,10 +47,12 @@ from mmfm.data.curation.mixture import (
     write_mixture,
 )
 from mmfm.data.curation.process import run_process_task, task_done
+from mmfm.data.curation.progress import TaskArrayProgress, print_summary, read_counts
 from mmfm.data.curation.recipe import Recipe, recipe_from_dict
 from mmfm.data.curation.report import build_report, merge_task_stats, write_report
 from mmfm.errors import UserValueError
 
+T = TypeVar("T")
 DEFAULT_CACHE = Path.home() / ".cache" / "mmfm" / "packages"
 
 
@@ -87,10 +99,35 @@ def _clear_outputs(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def make_executor(recipe: Recipe, task: ProcessTask, logging_dir: Path) -> Any:
-    """The datatrove executor the recipe asks for, running `task` on every shard."""
+class ExactDedupTask:
+    """Sharded dedup, exact step: task `rank` of `world_size` takes one hash partition."""
+
+    def __init__(self, recipe: Recipe):
+        # The validated dataclass itself: it pickles, and datatrove copies the pipeline per
+        # task, where re-parsing the YAML dict through OmegaConf costs ~0.4 s a task.
+        self.recipe = recipe
+
+    def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
+        recipe = self.recipe
+        run_exact_task(recipe, recipe.num_tasks(), rank, world_size)
+
+
+class BucketDedupTask(ExactDedupTask):
+    """Sharded dedup, bucket step: task `rank` takes one (band, hash range)."""
+
+    def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
+        recipe = self.recipe
+        run_bucket_task(recipe, recipe.num_tasks(), rank, recipe.dedup.hash_ranges,
+                        recipe.dedup.exact_partitions)
+
+
+def make_executor(recipe: Recipe, task: Any, logging_dir: Path, tasks: int | None = None,
+                  step: str = "process") -> Any:
+    """The datatrove executor the recipe asks for, running `task` as `tasks` tasks (default:
+    the recipe's stage-1 task count, one per shard)."""
     ex = recipe.executor
-    common = {"pipeline": [task], "tasks": recipe.num_tasks(), "logging_dir": str(logging_dir)}
+    common = {"pipeline": [task], "tasks": tasks or recipe.num_tasks(),
+              "logging_dir": str(logging_dir)}
     if ex.kind == "local":
         from datatrove.executor import LocalPipelineExecutor
 
@@ -99,7 +136,7 @@ def make_executor(recipe: Recipe, task: ProcessTask, logging_dir: Path) -> Any:
     if ex.kind == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
 
-        opts = {"time": "04:00:00", "partition": "cpu", "job_name": f"curate-{recipe.name}",
+        opts = {"time": "04:00:00", "partition": "cpu", "job_name": f"curate-{recipe.name}-{step}",
                 "cpus_per_task": 1, "mem_per_cpu_gb": 4, **ex.slurm}
         return SlurmPipelineExecutor(**common, **opts)
     from datatrove.executor import RayPipelineExecutor  # needs `pip install ray`
@@ -119,8 +156,12 @@ def run_processing(recipe: Recipe, cache_dir: Path) -> list[dict[str, Any]] | No
         for r in range(world):
             if not task_done(work, r):
                 (work / "logs" / "completions" / f"{r:05d}").unlink(missing_ok=True)
+        progress = TaskArrayProgress(
+            "stage 1 read/filter/sign", world,
+            done=lambda: sum(task_done(work, r) for r in range(world)),
+            docs=lambda: read_counts(work / "process" / f"{r:05d}.count" for r in range(world)))
         # datatrove logs each task's start, pipeline and stats to stderr: keep them in a file.
-        with open(work / "logs" / "executor.log", "a") as log, redirect_stderr(log):
+        with progress, executor_log(work / "logs" / "executor.log"):
             executor.run()
         if not all(task_done(work, r) for r in range(world)):
             if recipe.executor.kind == "local":
@@ -130,6 +171,91 @@ def run_processing(recipe: Recipe, cache_dir: Path) -> list[dict[str, Any]] | No
             return None
     return [json.loads((work / "process" / f"{r:05d}.stats.json").read_text())
             for r in range(world)]
+
+
+def run_dedup_stage(recipe: Recipe) -> dict[str, Any] | None:
+    """Stage 2: one process, or (``dedup.sharded``) exact and bucket task arrays on the
+    executor, then clustering; None when a cluster job was only submitted."""
+    if not recipe.dedup.sharded:
+        return run_dedup(recipe, recipe.num_tasks())
+    path = recipe.work_path() / "dedup.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    started = time.monotonic()
+    d = recipe.dedup
+    steps = [("exact", ExactDedupTask(recipe), d.exact_partitions, d.exact),
+             ("buckets", BucketDedupTask(recipe), d.bands * d.hash_ranges, d.near)]
+    _check_dedup_plan(recipe)
+    DocTable(recipe, recipe.num_tasks()).offsets()  # once, before the tasks that read it
+    seconds = {}
+    for step, task, n, wanted in steps:
+        t0 = time.monotonic()
+        if wanted and not _run_tasks(recipe, step, task, n):
+            return None
+        if step == "exact":
+            exact_removed(recipe, d.exact_partitions)  # once, before the bucket tasks
+        seconds[f"{step}_seconds"] = round(time.monotonic() - t0, 3)
+    t0 = time.monotonic()
+    near = run_cluster(recipe, recipe.num_tasks(), d.bands * d.hash_ranges) if d.near else None
+    result = merge(recipe, recipe.num_tasks(), d.exact_partitions, near)
+    seconds["cluster_seconds"] = round(time.monotonic() - t0, 3)
+    result.update(seconds=round(time.monotonic() - started, 3),
+                  near_seconds=seconds["buckets_seconds"] + seconds["cluster_seconds"],
+                  steps=seconds)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return result
+
+
+@contextmanager
+def executor_log(path: Path) -> Iterator[None]:
+    """Send what datatrove writes to stderr (its loguru sink included) to `path`, and give
+    the sink back to the terminal after. datatrove re-binds its sink to ``sys.stderr`` per
+    in-process task; a process pool's driver keeps its own, so it is re-bound here too."""
+    from datatrove.utils.logging import setup_default_logger
+
+    try:
+        with open(path, "a") as log, redirect_stderr(log):
+            setup_default_logger()
+            yield
+    finally:
+        setup_default_logger()
+
+
+def _check_dedup_plan(recipe: Recipe) -> None:
+    """The partitioning is not in the recipe fingerprint (it does not change the output), so
+    partial results of another partitioning are cleared here instead."""
+    folder = recipe.work_path() / "dedup"
+    plan = {"exact_partitions": recipe.dedup.exact_partitions,
+            "hash_ranges": recipe.dedup.hash_ranges}
+    path = folder / "plan.json"
+    if folder.exists() and (not path.is_file() or json.loads(path.read_text()) != plan):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan))
+
+
+def _run_tasks(recipe: Recipe, step: str, task: Any, n: int) -> bool:
+    """Run a dedup task array of `n` tasks on the executor; True when all are done."""
+    folder = recipe.work_path() / "dedup" / step
+    suffix = ".json" if step == "exact" else ".npy"
+    done = [folder / f"{r:05d}{suffix}" for r in range(n)]
+    if all(p.is_file() for p in done):
+        return True
+    logs = recipe.work_path() / "logs" / f"dedup_{step}"
+    logs.mkdir(parents=True, exist_ok=True)
+    for r, p in enumerate(done):
+        if not p.is_file():
+            (logs / "completions" / f"{r:05d}").unlink(missing_ok=True)
+    progress = TaskArrayProgress(f"dedup {step}", n, done=lambda: sum(p.is_file() for p in done))
+    with progress, executor_log(logs / "executor.log"):
+        make_executor(recipe, task, logs, tasks=n, step=f"dedup-{step}").run()
+    if all(p.is_file() for p in done):
+        return True
+    if recipe.executor.kind == "local":
+        raise UserValueError(f"dedup {step} task(s) failed (logs: {logs})")
+    return False
 
 
 def _last_error(work: Path) -> str:
@@ -163,21 +289,41 @@ def curate(recipe: Recipe, *, cache_dir: Path = DEFAULT_CACHE, fresh: bool = Fal
     timings["filter_cpu_s"] = round(sum(t["filter_seconds"] for t in tasks), 2)
     timings["signature_cpu_s"] = round(sum(t["signature_seconds"] for t in tasks), 2)
     t0 = time.monotonic()
-    dedup = run_dedup(recipe, recipe.num_tasks())
+    dedup = run_dedup_stage(recipe)
+    if dedup is None:
+        return None
     timings["dedup_wall_s"] = round(time.monotonic() - t0, 2)
+    print_summary("dedup", dedup["docs"], timings["dedup_wall_s"], _dedup_detail(dedup))
     t0 = time.monotonic()
-    counts = write_curated(recipe, recipe.num_tasks(), dedup)
-    tok, tok_path = get_tokenizer(recipe, counts)
-    tokens = count_tokens(recipe, tok, counts)
+    counts = _timed("curated files", lambda: write_curated(recipe, recipe.num_tasks(), dedup),
+                    lambda c: sum(v["docs"] for v in c.values()))
+    tok, tok_path = _timed("tokenizer", lambda: get_tokenizer(recipe, counts))
+    tokens = _timed("token counts", lambda: count_tokens(recipe, tok, counts),
+                    lambda t: sum(len(v) for v in t.values()))
     tok_rep = tokenizer_report(tok, tok_path, counts, tokens)
     plan = plan_mixture(recipe, tokens)
-    entries = write_mixture(recipe, plan, tokens)
+    entries = _timed("mixture", lambda: write_mixture(recipe, plan, tokens),
+                     lambda e: sum(x["docs"]["train"] + x["docs"]["val"] for x in e))
     timings["mixture_tokenizer_wall_s"] = round(time.monotonic() - t0, 2)
     sources = merge_task_stats(recipe, tasks)
-    report = build_report(recipe, sources, dedup, tok_rep, entries, timings)
+    report = build_report(recipe, sources, dedup, tok_rep, entries, timings, counts)
     _write_manifest(recipe, out, sources, entries, report)
     write_report(report, out, recipe.report.html)
     return report
+
+
+def _timed(stage: str, fn: Callable[[], T], docs: Callable[[T], int] | None = None) -> T:
+    """Run one stage-3 step and print its summary line."""
+    t0 = time.monotonic()
+    out = fn()
+    print_summary(stage, docs(out) if docs else None, time.monotonic() - t0)
+    return out
+
+
+def _dedup_detail(dedup: dict[str, Any]) -> str:
+    kinds = Counter(r[2] for r in dedup["removed"])
+    return (f"removed {kinds['exact_duplicate']:,} exact + {kinds['near_duplicate']:,} near "
+            f"duplicates")
 
 
 def _write_manifest(recipe: Recipe, out: Path, sources: dict[str, Any],

@@ -10,6 +10,7 @@ task 0, which sees every record). Its outputs, in ``WORK/process/``::
     {rank}.sig.npy    uint32 [docs, bands*rows] MinHash signatures (empty without near dedup)
     {rank}.stats.json per source and stage counts, removed examples, timings; written last
                       (temp + rename), so its presence means the task finished
+    {rank}.count      documents this task has run through its chains so far (progress)
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import numpy as np
 
 from mmfm.data.curation.filters import Stage, build_chain
 from mmfm.data.curation.minhash import MinHasher, exact_hash, words
+from mmfm.data.curation.progress import CountWriter
 from mmfm.data.curation.recipe import Recipe, SourceSpec
+from mmfm.data.curation.report import length_bin
 from mmfm.data.curation.sources import SourceStats, iter_source
 
 META_KEYS = ("source", "id")
@@ -72,6 +75,8 @@ def _process_source(recipe: Recipe, src: SourceSpec, rank: int, world: int, cach
                  "seconds": 0.0} for s in chain}
     examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
     reasons: dict[str, int] = defaultdict(int)
+    fired: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    lengths: dict[str, dict[str, int]] = {"read": defaultdict(int), "filtered": defaultdict(int)}
     k = recipe.report.examples_per_filter
     filter_s = 0.0
     note: str | None = None
@@ -79,11 +84,14 @@ def _process_source(recipe: Recipe, src: SourceSpec, rank: int, world: int, cach
         for i, doc in enumerate(iter_source(recipe, src, read, cache_dir)):
             if i % world != rank:
                 continue
+            writer.seen.add()
+            lengths["read"][str(length_bin(len(doc["text"])))] += 1
             t0 = time.perf_counter()
             removed = _run_chain(chain, doc, counts, reasons, examples, k,
-                                 recipe.report.example_chars)
+                                 recipe.report.example_chars, fired)
             filter_s += time.perf_counter() - t0
             if not removed:
+                lengths["filtered"][str(length_bin(len(doc["text"])))] += 1
                 writer.write(doc)
     except (OSError, ValueError, RuntimeError) as e:  # an optional source that is not here
         if not src.optional:
@@ -91,13 +99,17 @@ def _process_source(recipe: Recipe, src: SourceSpec, rank: int, world: int, cach
         note = f"optional source skipped: {e}"
     return {"read": read.as_dict() if rank == 0 else None, "stages": counts,
             "reasons": dict(reasons), "examples": dict(examples), "filter_seconds": filter_s,
+            "fired_words": {r: dict(c) for r, c in fired.items()},
+            "length_hist": {k: dict(v) for k, v in lengths.items()},
             "note": note}
 
 
 def _run_chain(chain: list[Stage], doc: dict[str, Any], counts: dict[str, dict[str, int]],
                reasons: dict[str, int], examples: dict[str, list[dict[str, Any]]], k: int,
-               example_chars: int) -> bool:
-    """Run one document through the chain, counting; True if a stage removed it."""
+               example_chars: int, fired: dict[str, dict[str, int]] | None = None) -> bool:
+    """Run one document through the chain, counting; True if a stage removed it. A stage
+    that explains a removal (``doc["_evidence"]``: rule, words, spans) has its words counted
+    in `fired` and its example cut around the first span, with the spans kept."""
     for stage in chain:
         c = counts[stage.name]
         before = doc["text"]
@@ -106,16 +118,33 @@ def _run_chain(chain: list[Stage], doc: dict[str, Any], counts: dict[str, dict[s
         t0 = time.perf_counter()
         reason = stage(doc)
         c["seconds"] += time.perf_counter() - t0
+        evidence = doc.pop("_evidence", None)
         if reason is not None:
             reasons[reason] += 1
+            if evidence and fired is not None:
+                for w, n in evidence.get("words", {}).items():
+                    fired[reason][w] += n
             if len(examples[reason]) < k:
                 examples[reason].append({"id": doc.get("id"), "stage": stage.name,
-                                         "text": before[:example_chars]})
+                                         **example_window(before, example_chars, evidence)})
             return True
         c["docs_out"] += 1
         c["chars_out"] += len(doc["text"])
         c["modified"] += doc["text"] is not before and doc["text"] != before
     return False
+
+
+def example_window(text: str, chars: int, evidence: dict[str, Any] | None
+                   ) -> dict[str, Any]:
+    """The removed example: `chars` characters of `text`, starting a little before the first
+    triggering span when there is one; spans re-based to the snippet, the rest dropped."""
+    if not evidence:
+        return {"text": text[:chars]}
+    spans = evidence.get("spans") or []
+    start = 0 if not spans or spans[0][1] <= chars else max(0, spans[0][0] - chars // 4)
+    inside = [[a - start, b - start] for a, b in spans if a >= start and b <= start + chars]
+    return {"text": text[start:start + chars], "offset": start, "rule": evidence.get("rule"),
+            "words": evidence.get("words", {}), "spans": inside}
 
 
 class _TaskWriter:
@@ -127,6 +156,7 @@ class _TaskWriter:
         self.meta: list[list[Any]] = []
         self.sigs: list[np.ndarray] = []
         self.sig_seconds = 0.0
+        self.seen = CountWriter(out / f"{rank:05d}.count")
 
     def write(self, doc: dict[str, Any]) -> None:
         text = doc["text"]
@@ -141,6 +171,7 @@ class _TaskWriter:
         self.docs.close()
 
     def commit(self) -> None:
+        self.seen.flush()
         base = self.out / f"{self.rank:05d}"
         width = self.hasher.num_perm if self.hasher is not None else 0
         sigs = np.stack(self.sigs) if self.sigs else np.zeros((0, width), dtype=np.uint32)

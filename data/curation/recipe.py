@@ -67,6 +67,11 @@ class DedupSpec:
     seed: int = 1
     keep: str = "priority"
     priority: Optional[list[str]] = None  # source names, most preferred first (default: order)
+    # Scale-out (same clusters, see dedup_sharded.py): exact dedup as `exact_partitions`
+    # tasks by hash, near dedup as bands x `hash_ranges` bucket tasks on the executor.
+    sharded: bool = False
+    exact_partitions: int = 4
+    hash_ranges: int = 1
 
 
 @dataclass(kw_only=True)
@@ -138,6 +143,8 @@ class Recipe:
         d = self.to_dict()
         for k in ("output", "work_dir", "executor", "report", "base_dir"):
             d.pop(k)
+        for k in ("sharded", "exact_partitions", "hash_ranges"):  # same output either way
+            d["dedup"].pop(k)
         if keys is not None:
             d = {k: d[k] for k in keys}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -238,7 +245,7 @@ def _validate_dedup(r: Recipe, names: list[str], where: str) -> None:
     d = r.dedup
     if d.keep not in KEEP_RULES:
         _fail(where, "dedup.keep", f"unknown keep rule {d.keep!r}; expected one of {KEEP_RULES}")
-    for k in ("ngram", "bands", "rows"):
+    for k in ("ngram", "bands", "rows", "exact_partitions", "hash_ranges"):
         if getattr(d, k) <= 0:
             _fail(where, f"dedup.{k}", f"{getattr(d, k)} must be > 0")
     for i, n in enumerate(d.priority or []):

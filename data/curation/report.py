@@ -2,16 +2,16 @@
 removed examples per filter, duplicate clusters, mixture and tokenizer tables.
 
 Built from the task stats, the dedup result and the mixture entries; written as
-``report.json`` (everything) and ``report.md`` / ``report.html`` (the same tables, readable).
+``report.json`` (everything), ``report.md`` (the tables) and ``report.html`` (tables, figures
+and highlighted removed examples, see :mod:`~mmfm.data.curation.report_html`).
 Token counts before the tokenizer exists are estimates: characters x the source's measured
 tokens per character on its curated text (marked ``~``); final counts are exact.
 """
 
 from __future__ import annotations
 
-import html
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ def merge_task_stats(recipe: Recipe, tasks: list[dict[str, Any]]) -> dict[str, A
         stages: dict[str, dict[str, int]] = {}
         reasons: dict[str, int] = defaultdict(int)
         examples: dict[str, list[Any]] = defaultdict(list)
+        fired: dict[str, Counter[str]] = defaultdict(Counter)
+        lengths: dict[str, Counter[str]] = defaultdict(Counter)
         notes = set()
         for t in tasks:
             s = t["sources"][src.name]
@@ -41,17 +43,34 @@ def merge_task_stats(recipe: Recipe, tasks: list[dict[str, Any]]) -> dict[str, A
                 reasons[r] += n
             for r, ex in s["examples"].items():
                 examples[r].extend(ex[: k - len(examples[r])])
+            for r, words in s.get("fired_words", {}).items():
+                fired[r].update(words)
+            for stage, hist in s.get("length_hist", {}).items():
+                lengths[stage].update(hist)
             if s.get("note"):
                 notes.add(s["note"])
         out[src.name] = {"kind": src.kind, "license": src.license, "read": read.as_dict(),
                          "stages": stages, "removed_by_reason": dict(reasons),
-                         "removed_examples": dict(examples), "notes": sorted(notes)}
+                         "removed_examples": dict(examples), "notes": sorted(notes),
+                         "fired_words": {r: dict(c.most_common()) for r, c in fired.items()},
+                         "length_hist": {k: dict(v) for k, v in lengths.items()}}
     return out
+
+
+def length_bin(chars: int) -> int:
+    """Log2 length bin: documents of 2**(k-1) .. 2**k - 1 characters fall in bin k."""
+    return int(chars).bit_length()
 
 
 def build_report(recipe: Recipe, sources: dict[str, Any], dedup: dict[str, Any],
                  tok_report: dict[str, Any], entries: list[dict[str, Any]],
-                 timings: dict[str, Any]) -> dict[str, Any]:
+                 timings: dict[str, Any], curated: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """Everything the report shows; `curated` (write_curated's counts) adds each source's
+    length histogram after dedup."""
+    for name, s in (curated or {}).items():
+        if name in sources and "length_hist" in s:
+            sources[name].setdefault("length_hist", {})["curated"] = s["length_hist"]
     for name, s in sources.items():
         tpc = _tokens_per_char(tok_report["per_source"].get(name, {}))
         for c in s["stages"].values():
@@ -145,26 +164,7 @@ def to_markdown(r: dict[str, Any]) -> str:
 
 
 def to_html(r: dict[str, Any]) -> str:
-    """The Markdown report in a self-contained page (tables rendered, the rest preformatted)."""
-    body = []
-    for block in to_markdown(r).split("\n\n"):
-        lines = block.strip().splitlines()
-        if lines and lines[0].startswith("|"):
-            rows = [ln.strip("|").split(" | ") for ln in lines if not ln.startswith("|---")]
-            cells = ["<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}"
-                                      f"</{'th' if i == 0 else 'td'}>" for c in row) + "</tr>"
-                     for i, row in enumerate(rows)]
-            body.append("<table>" + "".join(cells) + "</table>")
-        elif lines and lines[0].startswith("#"):
-            level = len(lines[0]) - len(lines[0].lstrip("#"))
-            body.append(f"<h{level}>{html.escape(lines[0].lstrip('# '))}</h{level}>")
-            if lines[1:]:
-                body.append(f"<pre>{html.escape(chr(10).join(lines[1:]))}</pre>")
-        elif lines:
-            body.append(f"<pre>{html.escape(block.strip())}</pre>")
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-             "td:first-child{text-align:left}pre{white-space:pre-wrap}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Curation report "
-            f"{html.escape(r['recipe'])}</title><style>{style}</style></head><body>"
-            + "\n".join(body) + "</body></html>\n")
+    """The report as a self-contained HTML page (Jinja2 + matplotlib figures)."""
+    from mmfm.data.curation.report_html import render_html  # matplotlib only when asked
+
+    return render_html(r)
