@@ -181,3 +181,18 @@ def test_unhealthy_end_is_an_error(text_data, tmp_path):
         trainer.fit()
     # The run directory was released: a new run may replace it.
     assert Trainer(cfg, overwrite=True).step == 0
+
+
+def test_init_from_weights_of_another_shape_is_one_line(text_data, tmp_path, capsys):
+    from mmfm.convert.cli import write_model_dir
+
+    other = tiny_config(text_data, tmp_path / "other", **{"model.d_model": 32})
+    write_model_dir(tmp_path / "weights", other, other.model.build())
+    args = ["train", CONFIG, *tiny_overrides(text_data, tmp_path, **{
+        "train.steps": 1, "train.init_from": str(tmp_path / "weights")})]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not fit this model" in err and "has shape" in err
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"\x00" * 64)  # damaged header
+    assert main([*args, "--overwrite"]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
