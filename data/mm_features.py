@@ -103,7 +103,7 @@ def _shard_items(path: Path, modality: str, pre: Any) -> tuple[list[tuple[str, T
     try:
         for raw in iter_raw_samples(path):
             try:
-                segments, _ = decode_document(raw, frozenset({modality}))
+                segments, _ = decode_document(raw, undecoded=frozenset({modality}))
             except SampleError:
                 bad += 1
                 continue
