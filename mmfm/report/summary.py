@@ -11,7 +11,13 @@ def routing_headlines(numbers: dict[str, Any]) -> list[str]:
     that leans to it most, from routing.json's numbers."""
     lines = []
     load = numbers.get("heldout_load")
-    if load:
+    if load and "maxvio_by_group" in load:  # modality expert groups: balance within each
+        worst = {g: max(layer[g] for layer in load["maxvio_by_group"])
+                 for g in load["maxvio_by_group"][0]}
+        lines.append(f"held-out load at step {load['step']}: worst MaxVio per expert group "
+                     f"{', '.join(f'{g} {v:.2f}' for g, v in worst.items())}; "
+                     f"{len(load['dead'])} dead and {len(load['hot'])} hot expert(s)")
+    elif load:
         worst = max(load["maxvio_global"])
         lines.append(f"held-out load at step {load['step']}: worst global MaxVio {worst:.2f}; "
                      f"{len(load['dead'])} dead and {len(load['hot'])} hot expert(s)")
@@ -47,8 +53,18 @@ def _leaning_experts(spec: dict[str, Any], layer_names: list[str]) -> list[str]:
         if best is not None:
             lead, p, e, share = best
             out.append(f"  {name}: expert {e} of {layer_names[p]} takes {share:.0%} of its tokens "
-                       f"({lead:+.0%} over the sources' mean; uniform {spec['uniform']:.0%})")
+                       f"({lead:+.0%} over the sources' mean; uniform {_uniform(spec, e)})")
     return out
+
+
+def _uniform(spec: dict[str, Any], expert: int) -> str:
+    """Uniform top-k share of `expert`: k/E, or k/E_group within its modality expert group."""
+    if spec.get("uniform") is not None:
+        return f"{spec['uniform']:.0%}"
+    for name, (first, count) in spec.get("expert_groups", {}).items():
+        if first <= expert < first + count:
+            return f"{spec['uniform_by_group'][name]:.0%} within the {name} group"
+    return "n/a"
 
 
 def compare_headlines(numbers: dict[str, Any]) -> list[str]:
