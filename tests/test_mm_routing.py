@@ -24,7 +24,8 @@ from mmfm.data.tokenizer import PAD, load_tokenizer, special_token_ids
 from mmfm.metrics.sources import SourceLosses
 from mmfm.moe.modality import ModalityExperts
 from mmfm.report import analysis as A
-from mmfm.report.capture import capture_records
+from mmfm.report.capture import TRAIN_SAMPLES, capture_records, records_path
+from mmfm.report.records import load_records
 from mmfm.train.task import build_task
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -149,13 +150,16 @@ def test_tiny_multimodal_preset_is_analysed_and_reported(mm_shards, text_data, t
         "data.num_workers=0", "train.steps=4", "train.warmup_steps=1", "train.eval_every=2",
         "train.ckpt_every=2", "train.keep_checkpoints=5", "train.log_every=1",
         "train.eval_batches=2", "train.micro_batch_size=4", "train.precision=fp32",
-        "metrics.console=false"])
+        "metrics.console=false", "metrics.routing_trace_every=2"])
     assert cfg.multimodal.moe_routing == "modality" and cfg.model.moe.top_k == 2
     result = Trainer(cfg).fit()
     run = result.run_dir
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     val = [r for r in rows if "val/loss" in r][-1]
     assert {"val/loss/photos", "val/loss/speech"} <= set(val)  # per shard set
+    sample = load_records(records_path(run, TRAIN_SAMPLES, 4))  # the trainer's routing samples
+    assert sample.expert_groups == {"text": (0, 6), "image": (6, 3), "audio": (9, 3)}
+    assert sample.sources == ["photos", "speech"] and sample.num_experts == 12
 
     parser = argparse.ArgumentParser(prog="mmfm")
     register(parser.add_subparsers(dest="command", required=True))
