@@ -481,27 +481,29 @@ def iter_mm_eval_batches(sources: list[tuple[str, str | Path]], tokenizer: str |
     """Validation batches, the same on every call: documents round-robin over the sources,
     each source's shards in index order and samples in stored order, packed like training;
     the last row is padded and the last batch may be short. Stops at `max_batches` or the
-    end of the data."""
+    end of the data. Each token's source is its shard set (`MMBatch.source_ids`, `sources`:
+    the names in `sources`' order)."""
     cached = resolve_features([Path(d) for _, d in sources], features)
     pre, undecoded = _preprocessors(encoders, cached)
     docs = DocTokenizer(load_tokenizer(tokenizer), pre, seq_len + 1, loss_on_markers)
     policy = BadInputPolicy(strict)
     stream = _round_robin([_sequential_docs(ShardSet.open(n, d), docs, policy, max_image_pixels,
-                                            undecoded)
-                           for n, d in sources])
+                                            undecoded, source=i)
+                           for i, (n, d) in enumerate(sources)])
+    names = tuple(n for n, _ in sources)
     packer = Packer(seq_len + 1, docs.pad_id, lambda: next(stream, None))
     emitted = 0
     while max_batches is None or emitted < max_batches:
         rows = [r for r in (packer.next_row() for _ in range(micro_batch_size)) if r is not None]
         if not rows:
             return
-        yield collate_rows(rows, pre)
+        yield collate_rows(rows, pre, names)
         emitted += 1
 
 
 def _sequential_docs(src: ShardSet, docs: DocTokenizer, policy: BadInputPolicy,
-                     max_image_pixels: int,
-                     undecoded: frozenset[str] = frozenset()) -> Iterator[TokenizedDoc]:
+                     max_image_pixels: int, undecoded: frozenset[str] = frozenset(),
+                     source: int = -1) -> Iterator[TokenizedDoc]:
     stores = {m: FeatureStore(src.dir, m) for m in undecoded}
     for i, name in enumerate(src.shards):
         path = src.dir / name
@@ -512,7 +514,9 @@ def _sequential_docs(src: ShardSet, docs: DocTokenizer, policy: BadInputPolicy,
                 try:
                     segments = fill_features(decode_document(raw, max_image_pixels, undecoded)[0],
                                              stores, name)
-                    yield docs(segments)
+                    doc = docs(segments)
+                    doc.source = source
+                    yield doc
                 except SampleError as err:
                     policy.sample(path, raw.key, err)
         except ShardError as err:

@@ -19,6 +19,12 @@ media run: if the next run does not fit in the rest of the row, the row is padde
 ``<|pad|>`` (no targets, a doc id of its own) and the run starts the next row. So every
 placeholder sits at an input position and each item's run is whole within one row. A run
 longer than a row cannot be packed (``SampleError("media_too_long")``).
+
+**Sources.** Validation batches say which shard set (``multimodal.sources.<name>``) each token
+came from, as text validation batches say which source: ``source_ids`` (B, T) int16 indexes
+``sources``, -1 on padding. The shard set's name is the source, not the ``source`` field of each
+document's json: the shard sets are what a config mixes and weighs, so ``val/loss/<set>`` and
+the routing reports line up with them. Training batches leave them empty (None, ()).
 """
 
 from __future__ import annotations
@@ -58,30 +64,39 @@ class TokenizedDoc:
     groups: np.ndarray  # (n,) int8 target group of each token as a label (-1: no target)
     spans: list[tuple[int, int]]  # [start, end) of each media run, markers included
     media: list[tuple[str, Tensor, int]]  # (modality, preprocessed item, tokens), per span
+    source: int = -1  # index of its shard set in the batches' `sources` (-1: not tracked)
 
 
 @dataclass
 class MMBatch:
     """One micro batch. (B, T) int64 `input_ids`/`labels`, int32 `doc_ids`, int8
     `target_groups` (group of each label, -1 none), and each modality's media in the order
-    of its placeholder runs (row-major)."""
+    of its placeholder runs (row-major). Validation batches also carry (B, T) int16
+    `source_ids` indexing `sources` (shard-set names), -1 on padding, like `Batch`."""
 
     input_ids: Tensor
     labels: Tensor
     doc_ids: Tensor
     target_groups: Tensor
     media: dict[str, MediaTensors] = field(default_factory=dict)
+    source_ids: Tensor | None = None
+    sources: tuple[str, ...] = ()
 
     def to(self, device, non_blocking: bool = False) -> MMBatch:
         move = [t.to(device, non_blocking=non_blocking) for t in
                 (self.input_ids, self.labels, self.doc_ids, self.target_groups)]
-        return MMBatch(*move, media={m: v.to(device, non_blocking) for m, v in self.media.items()})
+        source_ids = (None if self.source_ids is None
+                      else self.source_ids.to(device, non_blocking=non_blocking))
+        return MMBatch(*move, media={m: v.to(device, non_blocking) for m, v in self.media.items()},
+                       source_ids=source_ids, sources=self.sources)
 
     def pin_memory(self) -> MMBatch:
         """The batch in page-locked host memory (what torch's DataLoader calls to pin it)."""
         pinned = [t.pin_memory() for t in
                   (self.input_ids, self.labels, self.doc_ids, self.target_groups)]
-        return MMBatch(*pinned, media={m: v.pin_memory() for m, v in self.media.items()})
+        source_ids = None if self.source_ids is None else self.source_ids.pin_memory()
+        return MMBatch(*pinned, media={m: v.pin_memory() for m, v in self.media.items()},
+                       source_ids=source_ids, sources=self.sources)
 
     @property
     def num_target_tokens(self) -> int:
@@ -165,6 +180,7 @@ class Row:
     groups: np.ndarray  # (R,)
     doc_ids: np.ndarray  # (R,) int32
     media: list[tuple[str, Tensor, int]]
+    source_ids: np.ndarray | None = None  # (R,) int16 shard-set index, -1 on padding
 
 
 class Packer:
@@ -207,15 +223,18 @@ class Packer:
         tokens = [d.tokens[a:b] for d, a, b in pieces]
         groups = [d.groups[a:b] for d, a, b in pieces]
         lengths = [b - a for _, a, b in pieces]
+        sources = [d.source for d, _, _ in pieces]
         if filled < self.row_len:
             tokens.append(np.full(self.row_len - filled, self.pad_id, dtype=np.int64))
             groups.append(np.full(self.row_len - filled, NO_TARGET, dtype=np.int8))
             lengths.append(self.row_len - filled)
+            sources.append(-1)
         doc_ids = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+        source_ids = np.repeat(np.array(sources, dtype=np.int16), lengths)
         media = [item for d, a, b in pieces
                  for (s, e), item in zip(d.spans, d.media, strict=True)
                  if a <= s and e <= b]
-        return Row(np.concatenate(tokens), np.concatenate(groups), doc_ids, media)
+        return Row(np.concatenate(tokens), np.concatenate(groups), doc_ids, media, source_ids)
 
 
 def _cut(doc: TokenizedDoc, start: int, limit: int) -> int:
@@ -227,8 +246,10 @@ def _cut(doc: TokenizedDoc, start: int, limit: int) -> int:
     return end
 
 
-def collate_rows(rows: list[Row], preprocessors: dict[str, Any]) -> MMBatch:
-    """Rows -> MMBatch; media of each modality padded by its preprocessor's collate."""
+def collate_rows(rows: list[Row], preprocessors: dict[str, Any],
+                 sources: tuple[str, ...] = ()) -> MMBatch:
+    """Rows -> MMBatch; media of each modality padded by its preprocessor's collate. Given the
+    shard-set names `sources` (validation), the batch carries each token's source id."""
     tokens_BR = torch.from_numpy(np.stack([r.tokens for r in rows]))
     groups_BR = torch.from_numpy(np.stack([r.groups for r in rows]))
     doc_BR = torch.from_numpy(np.stack([r.doc_ids for r in rows]))
@@ -240,5 +261,9 @@ def collate_rows(rows: list[Row], preprocessors: dict[str, Any]) -> MMBatch:
         media[modality] = MediaTensors(data, lengths,
                                        torch.tensor([n for _, n in items], dtype=torch.long),
                                        fingerprint=getattr(pre, "fingerprint", None))
+    source_ids = None
+    if sources:
+        source_ids = torch.from_numpy(np.stack([r.source_ids for r in rows]))[:, :-1].contiguous()
     return MMBatch(tokens_BR[:, :-1].contiguous(), labels_BT.contiguous(),
-                   doc_BR[:, :-1].contiguous(), groups_BR[:, 1:].contiguous(), media)
+                   doc_BR[:, :-1].contiguous(), groups_BR[:, 1:].contiguous(), media,
+                   source_ids=source_ids, sources=tuple(sources))

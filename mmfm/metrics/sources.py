@@ -43,7 +43,8 @@ class SourceLosses:
 
     def add_batch(self, batch: Any, token_loss_BT: Tensor | None) -> None:
         """Add a validation batch with its per-token losses (`LossOutput.token_loss_BT`);
-        batches without sources (multimodal, training) or losses add nothing."""
+        batches without sources (training) or losses add nothing. Text batches name the
+        sources of their shard index, multimodal ones their shard sets."""
         if token_loss_BT is not None:
             self.add(token_loss_BT, batch.labels, getattr(batch, "source_ids", None),
                      getattr(batch, "sources", ()))

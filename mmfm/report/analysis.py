@@ -5,6 +5,14 @@ dicts (JSON-ready); the report draws its figures from these. Each is tested on p
 whose answer is known (tests/test_routing_analysis.py). Definitions and papers:
 docs/analysis.md.
 
+**Modality expert groups (MoMa).** Records of such runs hold global expert ids (groups end to
+end: text, image, audio; `RoutingRecords.expert_groups`), so E is the total number of experts
+and the per-layer counts, co-activation and specialization tables cover every expert. A token
+can only reach its own group's experts, so a "uniform" baseline is per group: a uniformly
+routed modality puts 1/E_group of its first choices (k/E_group of its top-k assignments) on
+each of its group's experts. Functions that compare with uniform routing take the group into
+account (`dead_and_hot`, `group_maxvio`) or give the baseline per group (`*_by_group`).
+
 Shape legend: N tokens, L MoE layers, K experts per token, E experts, S sources / groups.
 """
 
@@ -37,15 +45,29 @@ def expert_counts(records: RoutingRecords) -> np.ndarray:
                      for layer_NK in records.experts_LNK]).astype(np.int64)
 
 
+def group_maxvio(counts_E: np.ndarray, groups: Sequence[tuple[str, int, int]]) -> dict[str, float]:
+    """MaxVio of each expert group's slice of the counts (groups: (name, first, count), as
+    `RoutingRecords.group_slices`); a group's tokens can only reach its own experts."""
+    return {name: maxvio(counts_E[a:a + n]) for name, a, n in groups}
+
+
 def dead_and_hot(counts_LE: np.ndarray, layers: Sequence[int], dead_below: float = 0.1,
-                 hot_above: float = 3.0) -> dict[str, list[dict[str, Any]]]:
+                 hot_above: float = 3.0, groups: Sequence[tuple[str, int, int]] | None = None
+                 ) -> dict[str, list[dict[str, Any]]]:
     """Experts whose load is under `dead_below` or over `hot_above` times the uniform load
-    (1/E of the assignments), as {layer, expert, load_vs_uniform} lists."""
+    (1/E of the assignments; with expert `groups` (name, first, count), 1/E_group of that
+    group's assignments), as {layer, expert, load_vs_uniform[, group]} lists."""
     out: dict[str, list[dict[str, Any]]] = {"dead": [], "hot": []}
+    slices = groups or [("all", 0, counts_LE.shape[1])]
+    group_of = {e: name for name, a, n in slices for e in range(a, a + n)}
     for layer, counts_E in zip(layers, counts_LE, strict=True):
-        ratio_E = counts_E / max(counts_E.mean(), 1e-12)
+        ratio_E = np.zeros(len(counts_E), dtype=np.float64)
+        for _, a, n in slices:
+            ratio_E[a:a + n] = counts_E[a:a + n] / max(counts_E[a:a + n].mean(), 1e-12)
         for e, ratio in enumerate(ratio_E.tolist()):
             item = {"layer": int(layer), "expert": e, "load_vs_uniform": round(ratio, 4)}
+            if groups:
+                item["group"] = group_of[e]
             if ratio < dead_below:
                 out["dead"].append(item)
             elif ratio > hot_above:
@@ -140,8 +162,11 @@ def specialization(records: RoutingRecords, group_N: np.ndarray,
         h = _entropy(tokens_S / tokens_S.sum())
         bits.append(info)
         score.append(info / h if h > 0 else 0.0)
+    by_group = {name: records.top_k / n for name, _, n in records.group_slices()}
     return {"groups": [names[s] for s in keep], "share": share, "js_bits": bits, "score": score,
-            "uniform": records.top_k / records.num_experts}
+            "uniform": None if records.expert_groups else records.top_k / records.num_experts,
+            "uniform_by_group": by_group,
+            "expert_groups": {name: [a, n] for name, a, n in records.group_slices()}}
 
 
 def _entropy(p: np.ndarray) -> float:
@@ -179,7 +204,8 @@ def vocabulary_specialization(records: RoutingRecords, column: str = "token_N",
         weighted = top_I[frequent].sum() / max(counts[frequent].sum(), 1)
         per_layer.append(float(weighted) if frequent.any() else None)
     return {"column": column, "tokens": int(frequent.sum()), "mean": per_layer,
-            "baseline": 1 / records.num_experts}
+            "baseline": 1 / records.num_experts,
+            "baseline_by_group": {name: 1 / n for name, _, n in records.group_slices()}}
 
 
 def top_tokens_per_expert(records: RoutingRecords, layer_pos: int, top: int = 8,
@@ -214,11 +240,15 @@ def consecutive_rates(records: RoutingRecords, group_N: np.ndarray | None = None
                       names: Sequence[str] = ()) -> dict[str, Any]:
     """Mixtral Table 5: per layer, the share of neighbouring token pairs (t, t+1 in the same
     held-out row, neither padding) whose first choices agree, and whose top-k sets share an
-    expert; overall and, given groups, per group of token t."""
+    expert; overall and, given groups, per group of token t. `baseline` is random routing over
+    all E experts; with modality expert groups the one that applies is `baseline_by_group`
+    (two neighbours in different modalities never share an expert)."""
     pair_N = (records.row_N[1:] == records.row_N[:-1]) & (records.source_N[1:] >= 0) & (
         records.source_N[:-1] >= 0)
     out: dict[str, Any] = {"all": _pair_rates(records, pair_N),
-                           "baseline": consecutive_baselines(records.num_experts, records.top_k)}
+                           "baseline": consecutive_baselines(records.num_experts, records.top_k),
+                           "baseline_by_group": {name: consecutive_baselines(n, records.top_k)
+                                                 for name, _, n in records.group_slices()}}
     if group_N is not None:
         out["by_group"] = {name: _pair_rates(records, pair_N & (group_N[:-1] == s))
                            for s, name in enumerate(names) if (pair_N & (group_N[:-1] == s)).any()}

@@ -140,7 +140,7 @@ def _to_records(capture: RoutingCapture, cols: _Columns, step: int, max_tokens: 
         weights_LNK=weights_LNK, token_N=column["tokens"], next_N=column["nexts"],
         predicted_N=column["predicted"], source_N=column["sources"],
         modality_N=column["modality"], row_N=column["rows"], sources=cols.names or ["unknown"],
-        extra=extra)
+        expert_groups=first.groups, extra=extra)
 
 
 def record_routing(model: nn.Module, batch: Any, step: int, out_path: str | Path,

@@ -14,7 +14,12 @@ Columns (see docs/analysis.md for the full schema):
     row_N         int32         which held-out sequence the token sits in (consecutive-token and
                                 token-view analyses only pair neighbours of the same row)
     layers_L      int32         decoder layer index of each MoE layer
-    meta          JSON string   format, version, step, num_experts, top_k, sources, modalities
+    meta          JSON string   format, version, step, num_experts, top_k, sources, modalities,
+                                expert_groups (modality expert groups only)
+
+With modality expert groups (MoMa) expert ids are global: the groups laid end to end in the
+order text, image, audio; `expert_groups` maps each group to [first id, number of experts]
+(`RoutingRecords.group_slices`). Without it all experts form one shared pool.
 
 Plain `np.savez` (no compression): 1M tokens x 4 layers x top-2 is ~45 MB and writes in about
 a second (bench/routing_records.py). Any numpy reads it back; nothing here pickles.
@@ -60,16 +65,27 @@ class RoutingRecords:
     modality_N: np.ndarray
     row_N: np.ndarray
     sources: list[str] = field(default_factory=lambda: ["unknown"])
+    # Modality expert groups: name -> (first global expert id, count); None for shared routing.
+    expert_groups: dict[str, tuple[int, int]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # free-form meta (run, checkpoint path)
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_N.shape[0])
 
+    def group_slices(self) -> list[tuple[str, int, int]]:
+        """(name, first global expert id, count) per expert group; one group "all" of every
+        expert for shared routing."""
+        if not self.expert_groups:
+            return [("all", 0, self.num_experts)]
+        return [(name, int(a), int(n)) for name, (a, n) in self.expert_groups.items()]
+
     def meta(self) -> dict[str, Any]:
+        groups = ({} if not self.expert_groups else
+                  {"expert_groups": {k: [int(a), int(n)] for k, (a, n) in self.expert_groups.items()}})
         return {"format": FORMAT, "version": VERSION, "step": self.step,
                 "num_experts": self.num_experts, "top_k": self.top_k, "sources": self.sources,
-                "modalities": list(MODALITIES), **self.extra}
+                "modalities": list(MODALITIES), **groups, **self.extra}
 
     def validate(self, where: str = "routing records") -> None:
         """Internal consistency of the columns; raises `RoutingRecordsError` naming `where`."""
@@ -130,10 +146,14 @@ def load_records(path: str | Path) -> RoutingRecords:
                                   f"file ({type(err).__name__})") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise RoutingRecordsError(f"{path} is not {FORMAT} version {VERSION}")
-    known = ("format", "version", "step", "num_experts", "top_k", "sources", "modalities")
+    known = ("format", "version", "step", "num_experts", "top_k", "sources", "modalities",
+             "expert_groups")
+    groups = meta.get("expert_groups")
     records = RoutingRecords(
         step=int(meta["step"]), num_experts=int(meta["num_experts"]), top_k=int(meta["top_k"]),
-        sources=list(meta["sources"]), extra={k: v for k, v in meta.items() if k not in known},
+        sources=list(meta["sources"]),
+        expert_groups={k: (int(a), int(n)) for k, (a, n) in groups.items()} if groups else None,
+        extra={k: v for k, v in meta.items() if k not in known},
         **columns)
     records.validate(str(path))
     return records

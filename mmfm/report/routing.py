@@ -3,7 +3,9 @@
 Numbers come from `mmfm.report.analysis` over the run's metrics.jsonl and routing records
 (RUN/routing/heldout from `mmfm analyze`, else RUN/routing/train from training samples);
 figures are drawn from those numbers; the page comes from a Jinja2 template. Every figure has a
-one-line caption saying what it shows and what random / uniform routing would give.
+one-line caption saying what it shows and what random / uniform routing would give. For runs
+with modality expert groups (MoMa) the baselines are per group: a token only reaches its own
+modality's E_group experts (`_baselines`).
 """
 
 from __future__ import annotations
@@ -124,19 +126,52 @@ def _load_section(page: _Page, rows: list[dict[str, Any]], numbers: dict[str, An
                                  "it rises for under-loaded experts; 0 without that balancing.")
 
 
+def _baselines(final: RoutingRecords, per_group) -> str:
+    """`per_group(E)` formatted for the run: one value over all E experts, or one per modality
+    expert group (a token only reaches its own group's E_group experts)."""
+    if not final.expert_groups:
+        return f"{per_group(final.num_experts):.3f}"
+    return "per expert group (E_group experts each) " + ", ".join(
+        f"{name} {per_group(n):.3f}" for name, _, n in final.group_slices())
+
+
+def _groups_note(final: RoutingRecords) -> str:
+    if not final.expert_groups:
+        return ""
+    return (" Modality expert groups: global expert ids " + ", ".join(
+        f"{name} {a}-{a + n - 1}" for name, a, n in final.group_slices()) + ".")
+
+
 def _heldout_load_section(page: _Page, final: RoutingRecords, numbers: dict[str, Any]) -> None:
     counts_LE = A.expert_counts(final)
     layers = [f"layer_{i:02d}" for i in final.layers_L]
-    found = A.dead_and_hot(counts_LE, final.layers_L.tolist())
+    groups = final.group_slices() if final.expert_groups else None
+    found = A.dead_and_hot(counts_LE, final.layers_L.tolist(), groups=groups)
     numbers["heldout_load"] = {"step": final.step, "counts": counts_LE.tolist(),
                                "maxvio_global": [A.maxvio(c) for c in counts_LE], **found}
+    if groups:
+        numbers["heldout_load"]["expert_groups"] = {n: [a, c] for n, a, c in groups}
+        numbers["heldout_load"]["maxvio_by_group"] = [A.group_maxvio(c, groups)
+                                                      for c in counts_LE]
+    uniform = "its group's uniform load" if groups else "the uniform load"
     sec = page.section(f"Dead and hot experts (held-out tokens, step {final.step})",
-                       "Dead: under 10% of the uniform load; hot: over 300%.")
+                       f"Dead: under 10% of {uniform}; hot: over 300%.{_groups_note(final)}")
     share_LE = counts_LE / counts_LE.sum(axis=1, keepdims=True)
     _figure(sec, F.heatmap(share_LE, "held-out token share per expert", "expert", "MoE layer",
                            yticks=layers),
             "held-out load", f"Share of the held-out tokens' top-k assignments per expert; "
-                             f"uniform is 1/E = {1 / final.num_experts:.3f}.")
+                             f"uniform is 1/E = {1 / final.num_experts:.3f}"
+                             + (" over all experts, but each modality group is balanced on its "
+                                "own tokens (see the MaxVio per group)." if groups else "."))
+    if groups:
+        names = [n for n, _, _ in groups]
+        _table(sec, ["layer"] + [f"MaxVio {n}" for n in names] + ["dead experts", "hot experts"],
+               [[name] + [A.group_maxvio(c, groups)[n] for n in names]
+                + [_experts_of(found["dead"], i), _experts_of(found["hot"], i)]
+                for name, i, c in zip(layers, final.layers_L, counts_LE, strict=True)],
+               "MaxVio of each modality group's experts over the held-out tokens (a group's "
+               "tokens can only reach its own experts, so balance is measured within it).")
+        return
     _table(sec, ["layer", "global MaxVio", "dead experts", "hot experts"],
            [[name, A.maxvio(c), _experts_of(found["dead"], i), _experts_of(found["hot"], i)]
             for name, i, c in zip(layers, final.layers_L, counts_LE, strict=True)],
@@ -162,19 +197,26 @@ def _saturation_section(page: _Page, records: list[RoutingRecords], numbers: dic
                              "topk": [s["topk"] for s in sat.values()],
                              "random_top1": 1 / final.num_experts,
                              "random_topk": final.top_k / final.num_experts}
+    if final.expert_groups:
+        numbers["saturation"]["random_by_group"] = {
+            n: {"top1": 1 / c, "topk": final.top_k / c} for n, _, c in final.group_slices()}
     steps = list(sat)
     captions = {
         "topk": "top-k: mean |E_t ∩ E_T| / k of each token's expert set against the final "
-                "step's; random routing gives k/E = {base:.3f} (dashed).",
+                "step's; random routing gives k/E = {base}.",
         "top1": "top-1: share of tokens whose first choice equals the final step's; random "
-                "routing gives 1/E = {base:.3f} (dashed).",
+                "routing gives 1/E = {base}.",
     }
-    for key, base in (("topk", final.top_k / final.num_experts), ("top1", 1 / final.num_experts)):
+    k = final.top_k
+    for key, per in (("topk", lambda n: k / n), ("top1", lambda n: 1 / n)):
+        base = None if final.expert_groups else per(final.num_experts)
         names = {f"layer_{i:02d}": [s[key][p] for s in sat.values()]
                  for p, i in enumerate(final.layers_L)}
         _figure(sec, F.lines({n: steps for n in names}, names, f"router saturation ({key})",
                              "step", "overlap with final", baseline=base, baseline_label="random"),
-                f"saturation {key}", captions[key].format(base=base))
+                f"saturation {key}",
+                captions[key].format(base=_baselines(final, per) + ("" if base is None
+                                                                   else " (dashed)")))
 
 
 def _coactivation_section(page: _Page, final: RoutingRecords, numbers: dict[str, Any]) -> None:
@@ -190,19 +232,38 @@ def _coactivation_section(page: _Page, final: RoutingRecords, numbers: dict[str,
                 f"co-activation layer {layer}",
                 "P(j in top-k | i in top-k) over all pairs within each token's top-k set (OLMoE's "
                 f"script counts neighbouring pairs only); random routing gives "
-                f"(k-1)/(E-1) = {(final.top_k - 1) / (final.num_experts - 1):.3f}.")
+                f"(k-1)/(E-1) = {_baselines(final, lambda n: (final.top_k - 1) / max(n - 1, 1))}."
+                + (" Experts of different modality groups never share a token."
+                   if final.expert_groups else ""))
 
 
 def _specialization_section(page: _Page, final: RoutingRecords, numbers: dict[str, Any],
-                            by: str) -> None:
+                            by: str, within: tuple[str, int, int] | None = None) -> None:
+    """Specialization by source or modality; `within` an expert group (name, first, count):
+    by source over the tokens routed in that modality group only."""
     if by == "source":
         group_N, names = final.source_N, final.sources
     else:
         group_N, names = final.modality_N.astype(np.int16), list(MODALITIES)
         group_N = np.where(final.source_N >= 0, group_N, -1)
+    key, title = f"specialization_by_{by}", f"Specialization by {by}"
+    if within is not None:
+        name, first, _ = within
+        in_group_N = (final.experts_LNK[0, :, 0] >= first) & (
+            final.experts_LNK[0, :, 0] < first + within[2])
+        group_N = np.where(in_group_N, group_N, -1)
+        title += f" within the {name} experts ({first}-{first + within[2] - 1})"
+        numbers.setdefault(f"{key}_within_group", {})
     spec = A.specialization(final, group_N, names)
-    numbers[f"specialization_by_{by}"] = spec
-    sec = page.section(f"Specialization by {by}")
+    if within is None:
+        numbers[key] = spec
+    else:
+        numbers[f"{key}_within_group"][within[0]] = spec
+    sec = page.section(title)
+    if final.expert_groups and by == "modality":
+        sec["intro"] = ("Modality expert groups: each modality is routed among its own experts, "
+                        "so the score is 1 by construction; the bars show the balance within "
+                        "each group.")
     if len(spec["groups"]) < 2:
         sec["intro"] = f"Only one {by} ({', '.join(spec['groups'])}) in the records: nothing to compare."
         return
@@ -214,7 +275,9 @@ def _specialization_section(page: _Page, final: RoutingRecords, numbers: dict[st
                                     baseline_label="uniform k/E"),
                 f"{by} specialization layer {layer}",
                 f"Share of {by} D's tokens with expert i in the top-k; uniform routing gives "
-                f"k/E = {spec['uniform']:.3f} (dashed).")
+                f"k/E = {_baselines(final, lambda n: final.top_k / n)}"
+                + (" (dashed)." if spec["uniform"] is not None else
+                   " on the experts of the token's own group, 0 elsewhere."))
     _table(sec, ["layer", "JS divergence (bits)", "specialization score"],
            [[f"layer_{i:02d}", b, s] for i, b, s in zip(final.layers_L, spec["js_bits"],
                                                          spec["score"], strict=True)],
@@ -233,7 +296,7 @@ def _vocabulary_section(page: _Page, final: RoutingRecords, numbers: dict[str, A
             for p, i in enumerate(final.layers_L)],
            "Per token id seen >= 10 times, the share of its occurrences sent (first choice) to "
            f"its most frequent expert, occurrence-weighted; random routing gives about "
-           f"1/E = {1 / final.num_experts:.3f}.")
+           f"1/E = {_baselines(final, lambda n: 1 / n)}.")
     tops = {}
     for p, layer in enumerate(final.layers_L):
         top = A.top_tokens_per_expert(final, p)
@@ -247,7 +310,6 @@ def _vocabulary_section(page: _Page, final: RoutingRecords, numbers: dict[str, A
 def _consecutive_section(page: _Page, final: RoutingRecords, numbers: dict[str, Any]) -> None:
     rates = A.consecutive_rates(final, final.source_N, final.sources)
     numbers["consecutive"] = rates
-    base = rates["baseline"]
     sec = page.section("Consecutive tokens (Mixtral Table 5)")
     rows = [[f"layer_{i:02d}", "all", rates["all"]["top1"][p], rates["all"]["topk"][p]]
             for p, i in enumerate(final.layers_L)]
@@ -255,8 +317,10 @@ def _consecutive_section(page: _Page, final: RoutingRecords, numbers: dict[str, 
         rows += [[f"layer_{i:02d}", name, r["top1"][p], r["topk"][p]]
                  for p, i in enumerate(final.layers_L)]
     _table(sec, ["layer", "source", "same first choice", "top-k sets share an expert"], rows,
-           f"Neighbouring tokens of the same passage; random routing gives 1/E = {base['top1']:.3f}"
-           f" and 1 - C(E-k,k)/C(E,k) = {base['topk']:.3f}.")
+           "Neighbouring tokens of the same passage; random routing gives 1/E = "
+           f"{_baselines(final, lambda n: A.consecutive_baselines(n, final.top_k)['top1'])} and "
+           "1 - C(E-k,k)/C(E,k) = "
+           f"{_baselines(final, lambda n: A.consecutive_baselines(n, final.top_k)['topk'])}.")
 
 
 def _token_view_section(page: _Page, final: RoutingRecords, numbers: dict[str, Any],
@@ -322,6 +386,8 @@ def _records_sections(page: _Page, records: list[RoutingRecords], numbers: dict[
     _saturation_section(page, records, numbers, kind)
     _coactivation_section(page, final, numbers)
     _specialization_section(page, final, numbers, "source")
+    for group in final.group_slices() if final.expert_groups else ():
+        _specialization_section(page, final, numbers, "source", within=group)
     if len(set(final.modality_N[final.source_N >= 0].tolist())) > 1:
         _specialization_section(page, final, numbers, "modality")
     _vocabulary_section(page, final, numbers, decode)

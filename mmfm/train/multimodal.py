@@ -106,7 +106,8 @@ class MultimodalTask:
             model.count_micro_batch()
         target_BT = batch.labels != IGNORE_INDEX
         return LossOutput(out.lm_loss, out.aux_loss, int(target_BT.sum()),
-                          self._metrics(out.token_loss_BT, target_BT, batch))
+                          self._metrics(out.token_loss_BT, target_BT, batch),
+                          token_loss_BT=out.token_loss_BT)
 
     def _metrics(self, ce_BT: torch.Tensor, target_BT: torch.Tensor,
                  batch: MMBatch) -> dict[str, float]:
