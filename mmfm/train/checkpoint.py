@@ -213,15 +213,19 @@ def _required_files(path: Path, meta: dict[str, Any]) -> tuple[str, ...]:
 
 
 def latest_checkpoint(ckpt_root: Path) -> Checkpoint | None:
-    """The newest checkpoint, verified. If it is damaged, raise naming the newest good one, so
-    the user decides (`--resume-from`) rather than silently losing steps."""
+    """The newest checkpoint by name, verified (see `verify_or_name_good`); None if none."""
     candidates = list_checkpoints(ckpt_root)
-    if not candidates:
-        return None
+    return verify_or_name_good(candidates[0]) if candidates else None
+
+
+def verify_or_name_good(path: Path) -> Checkpoint:
+    """`path` verified. If it is damaged, raise naming the newest good checkpoint beside it, so
+    the user decides (`--resume-from`) rather than silently losing steps."""
     try:
-        return verify_checkpoint(candidates[0])
+        return verify_checkpoint(path)
     except CheckpointError as err:
-        good = next((str(p) for p in candidates[1:] if _is_good(p)), None)
+        good = next((str(p) for p in list_checkpoints(path.parent)
+                     if p != path and _is_good(p)), None)
         hint = f"; the previous good checkpoint is {good} (resume from it with --resume-from {good})" \
             if good else "; no earlier good checkpoint exists"
         raise CheckpointError(f"{err}{hint}") from None

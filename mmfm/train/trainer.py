@@ -15,7 +15,6 @@ checkpoints and exact resume (model, optimizer, scheduler, loader position and R
 
 from __future__ import annotations
 
-import base64
 import os
 import random
 import time
@@ -40,6 +39,14 @@ from mmfm.parallel.checkpoint import load_distributed, save_distributed
 from mmfm.parallel.mesh import ParallelDims, build_dims, init_distributed, launched_world_size
 from mmfm.parallel.step import forward_backward, pipeline_eval_loss, reduce_stats
 from mmfm.parallel.watchdog import RankWatchdog, explain_failure
+from mmfm.train.bookkeeping import (
+    Clock,
+    Interval,
+    merge_task_metrics,
+    moe_summaries,
+    rng_state,
+    set_rng_state,
+)
 from mmfm.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -47,6 +54,7 @@ from mmfm.train.checkpoint import (
     load_weights,
     step_dir,
     verify_checkpoint,
+    verify_or_name_good,
 )
 from mmfm.train.compat import check_resume_config, check_step_matches_state
 from mmfm.train.guards import StepGuard, Verdict, tensors_finite
@@ -64,39 +72,6 @@ class TrainResult:
     train_losses: dict[int, float]  # step -> loss of that step (every step, for resume checks)
     val_loss: float | None
     checkpoint: Path | None
-
-
-def merge_task_metrics(per_micro_batch: list[dict[str, float]]) -> dict[str, float]:
-    """Combine a task's per-micro-batch scalars into one step's `train/...` metrics: counts
-    (`targets/X`, `media/...`, `data/...`) add up; `loss/X` is the mean weighted by
-    `targets/X`, so a group with few targets in one micro-batch does not count fully."""
-    sums: dict[str, float] = {}
-    for metrics in per_micro_batch:
-        for key, value in metrics.items():
-            if key.startswith("loss/"):
-                weight = metrics.get("targets/" + key[len("loss/"):], 1.0)
-                sums[key] = sums.get(key, 0.0) + value * weight
-            else:
-                sums[key] = sums.get(key, 0.0) + value
-    out = {}
-    for key, value in sums.items():
-        if key.startswith("loss/"):
-            weight = sums.get("targets/" + key[len("loss/"):], float(len(per_micro_batch)))
-            value = value / weight if weight else 0.0
-        out[f"train/{key}"] = value
-    return out
-
-
-def moe_summaries(per_layer: dict[str, Any]) -> dict[str, float]:
-    """`moe/<name>`: mean over layers of each scalar, and the max load imbalance."""
-    by_name: dict[str, list[float]] = {}
-    for key, value in per_layer.items():
-        if isinstance(value, float):
-            by_name.setdefault(key.rsplit("/", 1)[1], []).append(value)
-    out = {f"moe/{name}": sum(v) / len(v) for name, v in by_name.items()}
-    if "load_imbalance" in by_name:
-        out["moe/max_load_imbalance"] = max(by_name["load_imbalance"])
-    return out
 
 
 def local_rank() -> int:
@@ -157,12 +132,12 @@ class Trainer:
         self.loader = self.task.train_loader(self.dims.dp_rank, self.dims.dp,
                                              pin_memory=self.device.type == "cuda")
         self.step = 0
-        self.clock = _Clock()
+        self.clock = Clock()
         self.guard = StepGuard(cfg.train.guard)
         self._verdict: Verdict | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
-            self.clock = _Clock(**checkpoint.meta.get("time", {}))
+            self.clock = Clock(**checkpoint.meta.get("time", {}))
             if self.files is not None:
                 self.files.after_restore(self.step)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -200,7 +175,7 @@ class Trainer:
             if found is None:
                 return None
             if resume and not resume_from:
-                return latest_good(found)
+                return verify_or_name_good(found)
             return verify_checkpoint(found)
         if resume_from:
             return verify_checkpoint(Path(resume_from))
@@ -331,7 +306,7 @@ class Trainer:
         val_loss, ckpt_path = None, None
         batches = iter(self.loader)
         last = tcfg.steps if stop_after is None else min(tcfg.steps, self.step + stop_after)
-        interval = _Interval()
+        interval = Interval()
         try:
             while self.step < last:
                 started, cpu_started = time.perf_counter(), time.process_time()
@@ -515,60 +490,3 @@ class Trainer:
                                    self.cfg.metrics.wandb_mode, self.cfg.to_dict(),
                                    resume=self.resumed))
         return MetricsLogger(sinks)
-
-
-def latest_good(path: Path) -> Checkpoint:
-    """`path` verified; if it is damaged, the error names the newest good checkpoint beside it
-    (so the user decides with --resume-from rather than silently losing steps)."""
-    try:
-        return verify_checkpoint(path)
-    except CheckpointError as err:
-        from mmfm.train.checkpoint import _is_good, list_checkpoints
-
-        good = next((str(p) for p in list_checkpoints(path.parent)
-                     if p != path and _is_good(p)), None)
-        hint = f"; the previous good checkpoint is {good} (resume from it with --resume-from " \
-               f"{good})" if good else "; no earlier good checkpoint exists"
-        raise CheckpointError(f"{err}{hint}") from None
-
-
-@dataclass
-class _Clock:
-    """Training time of the run so far, carried across resumes in checkpoint metadata."""
-
-    wall_s: float = 0.0
-    process_s: float = 0.0
-
-    def add(self, wall_s: float, process_s: float) -> None:
-        self.wall_s += wall_s
-        self.process_s += process_s
-
-
-class _Interval:
-    """Steps and seconds since the last log record."""
-
-    def __init__(self) -> None:
-        self.steps, self.seconds = 0, 0.0
-
-    def add(self, seconds: float) -> None:
-        self.steps += 1
-        self.seconds += seconds
-
-    def take(self) -> tuple[int, float]:
-        out = (self.steps, self.seconds)
-        self.steps, self.seconds = 0, 0.0
-        return out
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's torch and Python RNG states as JSON-serializable values."""
-    version, internal, gauss = random.getstate()
-    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-            "python": [version, list(internal), gauss]}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    raw = base64.b64decode(state["torch"])
-    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
