@@ -49,9 +49,7 @@ from mmfm.train.checkpoint import (
     META_FILE,
     CheckpointError,
     _fsync_dir,
-    _prune,
     _sha256,
-    step_dir,
 )
 from mmfm.train.diskfull import DISK_FULL_ERRNOS, disk_full_error, folder_bytes
 
@@ -224,12 +222,11 @@ def _restore_scheduler(scheduler, last_epoch: int) -> None:
 # ----------------------------------------------------------------------------- save / load
 
 def save_distributed(path: str | Path, pm: ParallelModel, optimizer, scheduler, step: int,
-                     meta: dict[str, Any], objects: dict[str, Any] | None = None,
-                     keep: int | None = None) -> Path:
-    """Write a checkpoint (collective). With `keep`, `path` is the checkpoint root and the
-    folder is `step_XXXXXXXX`, older ones pruned to `keep`; else `path` is the folder.
-    `objects`: this rank's JSON-serializable extras (loader position, RNG), keyed uniquely."""
-    final = step_dir(Path(path), step) if keep is not None else Path(path)
+                     meta: dict[str, Any], objects: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint into the folder `path` (collective), through a temporary folder
+    renamed into place by rank 0. `objects`: this rank's JSON-serializable extras (loader
+    position, RNG), keyed uniquely. Pruning and lineage are the trainer's (run_control)."""
+    final = Path(path)
     tmp = final.parent / f".tmp_{final.name}"
     rank0 = dist.get_rank() == 0
     if rank0:
@@ -260,8 +257,6 @@ def save_distributed(path: str | Path, pm: ParallelModel, optimizer, scheduler, 
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        if keep is not None:
-            _prune(final.parent, keep)
     dist.barrier()
     return final
 

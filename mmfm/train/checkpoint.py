@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,11 +236,6 @@ def _is_good(path: Path) -> bool:
         return True
     except CheckpointError:
         return False
-
-
-def _prune(ckpt_root: Path, keep: int) -> None:
-    for old in list_checkpoints(ckpt_root)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:

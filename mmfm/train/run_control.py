@@ -50,8 +50,8 @@ class TrainerRunDir:
 
     def _decide(self, resume: bool, resume_from: str | None, overwrite: bool,
                 allow_fresh: bool) -> str | None:
-        if read_lock(self.lock.path).get("pid") != os.getpid() or \
-                read_lock(self.lock.path).get("host") != socket.gethostname():
+        holder = read_lock(self.lock.path)
+        if (holder.get("host"), holder.get("pid")) != (socket.gethostname(), os.getpid()):
             self.lock.acquire()  # a second Trainer of this process on this run shares it
         if resume_from:
             path = Path(resume_from)
