@@ -41,6 +41,7 @@ class RunResult:
     grad_norms: list[float] = field(default_factory=list)
     state: dict[str, Tensor] | None = None  # full weights after the last step
     step_seconds: list[float] = field(default_factory=list)
+    metrics: list[dict[str, float]] = field(default_factory=list)  # task's train/loss/<group>
 
 
 class FixedBatchTask:
@@ -165,15 +166,17 @@ def reference_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch],
     return result
 
 
-def fixed_batch_trainer(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch],
-                        seed: int = 0, load_from=None, run_dir: Path | None = None):
-    """A real `Trainer` under `pcfg` whose task is `FixedBatchTask(batches)` (collective:
-    every rank calls it, in a process group of `pcfg`'s world size)."""
+def fixed_batch_trainer(model_cfg, pcfg: ParallelConfig, tcfg, batches: list,
+                        seed: int = 0, load_from=None, run_dir: Path | None = None,
+                        task=None):
+    """A real `Trainer` under `pcfg` whose task is `task` (default `FixedBatchTask(batches)`;
+    the multimodal harness passes its own) (collective: every rank calls it, in a process
+    group of `pcfg`'s world size)."""
     from mmfm.config import DataConfig, ExperimentConfig, MetricsConfig, RunConfig
     from mmfm.parallel.mesh import launched_world_size
     from mmfm.train.trainer import Trainer
 
-    rows, seq_len = batches[0].input_ids.shape
+    rows, seq_len = batch_shape(batches[0])
     rows_per_micro_batch = rows // pcfg.resolved_dp(launched_world_size()) // tcfg.grad_accum
     cfg = ExperimentConfig(
         run=RunConfig(seed=seed, out_dir=str(run_dir or "runs"), name="parity"),
@@ -181,20 +184,30 @@ def fixed_batch_trainer(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Bat
         train=dataclasses.replace(tcfg, steps=max(tcfg.steps, len(batches)),
                                   micro_batch_size=rows_per_micro_batch),
         metrics=MetricsConfig(console=False), parallel=pcfg)
-    task = FixedBatchTask(model_cfg, batches, tcfg.grad_accum)
+    task = task or FixedBatchTask(model_cfg, batches, tcfg.grad_accum)
     return Trainer(cfg, resume_from=str(load_from) if load_from else None, task=task,
                    manage_run_dir=False)
 
 
-def distributed_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch],
+def batch_shape(batch) -> tuple[int, int]:
+    """(rows, seq_len) of a fixed global batch: a `Batch`, or a list of multimodal `Row`s
+    (each seq_len + 1 tokens)."""
+    if isinstance(batch, list):
+        return len(batch), len(batch[0].tokens) - 1
+    return tuple(batch.input_ids.shape)
+
+
+def distributed_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list,
                     seed: int = 0, steps: int | None = None, save_to=None, save_at: int | None = None,
-                    load_from=None, gather: bool = True) -> RunResult:
+                    load_from=None, gather: bool = True, task=None) -> RunResult:
     """Train under `pcfg` on this rank's share of `batches` with the real `Trainer` step
     (collective). `save_to`/`load_from`: a checkpoint folder written after step `save_at`
-    (default: the last) / resumed before the first step (steps continue from its step)."""
+    (default: the last) / resumed before the first step (steps continue from its step).
+    `task`: the task the trainer runs (default: text `FixedBatchTask`); its step metrics
+    (e.g. the multimodal `train/loss/<group>`) are kept in `RunResult.metrics`."""
     from mmfm.parallel.state import full_state_dict
 
-    trainer = fixed_batch_trainer(model_cfg, pcfg, tcfg, batches, seed, load_from)
+    trainer = fixed_batch_trainer(model_cfg, pcfg, tcfg, batches, seed, load_from, task=task)
     result = RunResult()
     stream = iter(trainer.loader)
     end = len(batches) if steps is None else trainer.step + steps
@@ -205,6 +218,7 @@ def distributed_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[Batch],
         result.losses.append(record["train/loss"])
         result.aux_losses.append(record["train/aux_loss"])
         result.grad_norms.append(record["train/grad_norm"])
+        result.metrics.append({k: v for k, v in record.items() if k.startswith("train/loss/")})
         result.step_seconds.append(time.perf_counter() - started)
         if save_to is not None and trainer.step == (save_at or end):
             trainer.save(Path(save_to))

@@ -100,28 +100,39 @@ class MultimodalTask:
     def loss(self, model: nn.Module, batch: MMBatch) -> LossOutput:
         """Mean next-token loss over text targets, plus `loss/<group>` and `targets/<group>`
         for each target group present, media counts and skipped-sample counts."""
-        doc_ids = batch.doc_ids if self.cfg.data.document_mask else None
-        out = model(batch.input_ids, doc_ids, batch.media, labels_BT=batch.labels)
-        if model.training:
-            model.count_micro_batch()
-        target_BT = batch.labels != IGNORE_INDEX
-        return LossOutput(out.lm_loss, out.aux_loss, int(target_BT.sum()),
-                          self._metrics(out.token_loss_BT, target_BT, batch),
-                          token_loss_BT=out.token_loss_BT)
+        skipped = self.loader.skipped if self.loader is not None else {}
+        return multimodal_loss(model, batch, self.cfg.data.document_mask, skipped)
 
-    def _metrics(self, ce_BT: torch.Tensor, target_BT: torch.Tensor,
-                 batch: MMBatch) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for g, name in enumerate(MODALITIES):
-            mask_BT = target_BT & (batch.target_groups == g)
-            count = int(mask_BT.sum())
-            if count:
-                metrics[f"loss/{name}"] = float(ce_BT.detach()[mask_BT].mean())
-                metrics[f"targets/{name}"] = float(count)
-        for modality, items in batch.media.items():
-            metrics[f"media/{modality}_items"] = float(len(items))
-            metrics[f"media/{modality}_tokens"] = float(items.num_tokens.sum())
-        if self.loader is not None:
-            for reason, n in self.loader.skipped.items():
-                metrics[f"data/skipped_{reason}"] = float(n)
-        return metrics
+
+def multimodal_loss(model: nn.Module, batch: MMBatch, document_mask: bool,
+                    skipped: dict[str, int] | None = None) -> LossOutput:
+    """The multimodal task's loss on one micro-batch (also the parity harness's): the model's
+    LM and aux losses, and the per-target-group metrics (`loss/<group>`, `targets/<group>`,
+    media counts, the loader's `skipped` sample counts). Counts the micro-batch for the
+    encoders' unfreeze schedule when training."""
+    doc_ids = batch.doc_ids if document_mask else None
+    out = model(batch.input_ids, doc_ids, batch.media, labels_BT=batch.labels)
+    if model.training:
+        model.count_micro_batch()
+    target_BT = batch.labels != IGNORE_INDEX
+    return LossOutput(out.lm_loss, out.aux_loss, int(target_BT.sum()),
+                      group_metrics(out.token_loss_BT, target_BT, batch, skipped or {}),
+                      token_loss_BT=out.token_loss_BT)
+
+
+def group_metrics(ce_BT: torch.Tensor, target_BT: torch.Tensor, batch: MMBatch,
+                  skipped: dict[str, int]) -> dict[str, float]:
+    """Per-target-group mean loss and target count, media counts, skipped samples."""
+    metrics: dict[str, float] = {}
+    for g, name in enumerate(MODALITIES):
+        mask_BT = target_BT & (batch.target_groups == g)
+        count = int(mask_BT.sum())
+        if count:
+            metrics[f"loss/{name}"] = float(ce_BT.detach()[mask_BT].mean())
+            metrics[f"targets/{name}"] = float(count)
+    for modality, items in batch.media.items():
+        metrics[f"media/{modality}_items"] = float(len(items))
+        metrics[f"media/{modality}_tokens"] = float(items.num_tokens.sum())
+    for reason, n in skipped.items():
+        metrics[f"data/skipped_{reason}"] = float(n)
+    return metrics
