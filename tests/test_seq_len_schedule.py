@@ -241,3 +241,27 @@ def test_two_data_parallel_ranks_resume_across_the_switch(text_data, tmp_path):
         assert r["same_weights"], r["rank"]
         for step in range(3, 7):
             assert r["resumed"][step] == r["full"][step], (r["rank"], step)
+
+
+def test_long_context_preset_runs_through_mmfm_train(text_data, tmp_path):
+    """configs/text_moe_tiny_longctx.yaml as written resolves to 8×256 then 2×1024; `mmfm
+    train` on it (model narrowed, switch moved to step 2 of 3) crosses the switch."""
+    from mmfm.cli import main
+
+    preset = ROOT / "configs" / "text_moe_tiny_longctx.yaml"
+    stages = SeqLenSchedule.from_config(load_config(preset)).stages
+    assert [(s.start_step, s.seq_len, s.rows) for s in stages] == [(0, 256, 8), (200, 1024, 2)]
+    overrides = {
+        "run.out_dir": str(tmp_path), "run.name": "long", "model.vocab_size": 512,
+        "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.n_kv_heads": 2,
+        "model.ffn_hidden": 32, "model.moe.expert_hidden": 32,
+        "data.train_shards": str(text_data["train"]), "data.val_shards": str(text_data["val"]),
+        "data.tokenizer": str(text_data["tokenizer"]), "train.steps": 3, "train.warmup_steps": 1,
+        "train.seq_len_schedule": "[{step: 2, seq_len: 1024}]", "train.eval_every": 3,
+        "train.eval_batches": 1, "train.ckpt_every": 3, "train.log_every": 1,
+        "train.precision": "fp32", "metrics.console": False}
+    assert main(["train", str(preset), *[f"{k}={v}" for k, v in overrides.items()]]) == 0
+    records = [json.loads(line) for line in
+               (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/seq_len"] for r in records if "train/loss" in r] == [256.0, 256.0, 1024.0]
+    assert any("val/loss_pos_768-1024" in r for r in records)
