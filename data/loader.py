@@ -27,16 +27,27 @@ by rank (``shards[rank::world_size]``) and then by DataLoader worker; within a s
 document order is shuffled with ``(seed, epoch, shard)``. A worker's stream runs on into the
 next epoch without a break, so the loader is an infinite iterator.
 
+**Length schedule.** With ``seq_len_stages`` (``train.seq_len_schedule``) the row length and
+the rows per batch change at given micro-batch indices. A reader then runs as many lanes as
+the largest batch has rows, and each batch takes its rows from the next lanes in turn (a
+cursor that wraps): 8 lanes feeding 2 rows of 4x the length serve lanes 0-1, 2-3, 4-5, 6-7,
+0-1, ... Every lane's stream continues where it stopped and is cut into rows of the length
+now due, so across a switch no token is skipped or read twice, and ``doc_ids`` restart at 0
+in every row as before. Without a schedule the cursor stays at 0 and every lane gives one
+row per batch, the layout described above.
+
 **Exact resume.** A lane's position is ``(epoch, shard, doc, offset)``: the next token it
 would read; a worker's position is its lanes' positions. Each worker sends that position along with every batch, and the loader keeps
 the position of the last batch it *returned* per worker (prefetched batches do not count),
 plus which worker is due next. Torch's DataLoader returns an IterableDataset's batches
 round-robin from its workers, so on resume physical worker 0 plays the saved "next" worker
-and the sequence continues exactly.
+and the sequence continues exactly. A worker's position also holds its lane cursor, and the
+loader counts the batches it returned, which fixes each future batch's stage.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -271,10 +282,11 @@ class _PackedDataset(IterableDataset):
     """Yields {"input_ids", "labels", "doc_ids", "worker", "state"} batches forever."""
 
     def __init__(self, loader: TokenLoader, first_worker: int,
-                 states: list[dict[str, int] | None]) -> None:
+                 states: list[dict[str, int] | None], first_batch: int = 0) -> None:
         super().__init__()
         self.cfg = loader._reader_config()
         self.first_worker, self.states = first_worker, states
+        self.first_batch = first_batch  # index of the next batch the loader returns
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -283,19 +295,33 @@ class _PackedDataset(IterableDataset):
         # round-robin order continues the saved sequence exactly.
         worker = ((info.id if info else 0) + self.first_worker) % n
         c = self.cfg
-        lanes = c["micro_batch_size"]
+        lanes, stages = c["lanes"], c["stages"]
         saved_state = self.states[worker] or {}
         saved = saved_state.get("lanes") or [None] * lanes
+        cursor = int(saved_state.get("cursor", 0))
         skipped = dict(saved_state.get("skipped") or {})
         streams = [_PackedStream(c["dir"], c["names"], c["seed"], c["rank"], c["world_size"],
-                                 worker, n, c["seq_len"] + 1, saved[lane], lane, lanes,
+                                 worker, n, stages[0][1] + 1, saved[lane], lane, lanes,
                                  c["checks"], skipped if lane == 0 else None)
                    for lane in range(lanes)]
+        # The round-robin hands this worker every n-th batch, starting `due` after the next.
+        batch = self.first_batch + (worker - self.first_worker) % n
         while True:
-            rows = [stream.next_row() for stream in streams]
+            _, seq_len, num_rows = stage_at(stages, batch)
+            picked = [streams[(cursor + i) % lanes] for i in range(num_rows)]
+            for stream in picked:
+                stream.row_len = seq_len + 1
+            rows = [stream.next_row() for stream in picked]
+            cursor = (cursor + num_rows) % lanes
+            batch += n
             yield {**_rows_to_tensors(rows), "worker": worker,
                    "state": {"lanes": [stream.position() for stream in streams],
-                             "skipped": dict(skipped)}}
+                             "cursor": cursor, "skipped": dict(skipped)}}
+
+
+def stage_at(stages: list[tuple[int, int, int]], batch: int) -> tuple[int, int, int]:
+    """The (first batch, seq_len, rows) stage micro-batch `batch` (0-based) belongs to."""
+    return stages[bisect.bisect_right([s[0] for s in stages], batch) - 1]
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -321,7 +347,11 @@ class TokenLoader:
         tokenizer_sha256: str | None = None,
         strict: bool = False,
         pin_memory: bool = False,
+        seq_len_stages: list[tuple[int, int, int]] | None = None,
     ) -> None:
+        """`seq_len_stages`: [(first micro-batch, seq_len, rows), ...] from batch 0
+        (`mmfm.seq_len.SeqLenSchedule.loader_stages`); None: `seq_len` and
+        `micro_batch_size` throughout."""
         self.dir = Path(shards_dir)
         self.strict = strict
         self.index = read_index(self.dir)
@@ -334,6 +364,8 @@ class TokenLoader:
         if num_workers < 0:
             raise UserValueError(f"num_workers={num_workers} must be >= 0")
         self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
+        self.stages = _checked_stages(seq_len_stages or [(0, seq_len, micro_batch_size)])
+        self.lanes = max(rows for _, _, rows in self.stages)
         self.rank, self.world_size, self.num_workers, self.seed = (
             rank, world_size, num_workers, seed)
         # Page-locked batches from the worker processes, so a GPU copy can be non-blocking
@@ -344,6 +376,7 @@ class TokenLoader:
         self._check_enough_shards()
         self._states: list[dict[str, int] | None] = [None] * self._readers
         self._next_worker = 0
+        self._batches = 0  # batches returned so far: the next one's index
         self._it: Iterator[dict[str, Any]] | None = None
 
     def _check_enough_shards(self) -> None:
@@ -358,8 +391,7 @@ class TokenLoader:
 
     def _reader_config(self) -> dict[str, Any]:
         return {"dir": self.dir, "names": self.names, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "seq_len": self.seq_len,
-                "micro_batch_size": self.micro_batch_size,
+                "world_size": self.world_size, "stages": self.stages, "lanes": self.lanes,
                 "checks": _checks(self.index, self.strict)}
 
     def __iter__(self) -> TokenLoader:
@@ -371,10 +403,16 @@ class TokenLoader:
         item = next(self._it)
         self._states[item["worker"]] = dict(item["state"])
         self._next_worker = (item["worker"] + 1) % self._readers
+        self._batches += 1
         return Batch(item["input_ids"], item["labels"], item["doc_ids"])
 
+    def current_shape(self) -> tuple[int, int]:
+        """(rows, seq_len) of the last batch returned (of the first one before any)."""
+        _, seq_len, rows = stage_at(self.stages, max(self._batches - 1, 0))
+        return rows, seq_len
+
     def _start(self) -> Iterator[dict[str, Any]]:
-        dataset = _PackedDataset(self, self._next_worker, list(self._states))
+        dataset = _PackedDataset(self, self._next_worker, list(self._states), self._batches)
         if self.num_workers == 0:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
@@ -406,6 +444,9 @@ class TokenLoader:
             "tokenizer_sha256": self.index.get("tokenizer_sha256"),
             "next_worker": self._next_worker,
             "worker_states": [dict(s) if s else None for s in self._states],
+            "lanes": self.lanes,
+            "batches": self._batches,
+            "seq_len_stages": [list(s) for s in self.stages],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -413,7 +454,13 @@ class TokenLoader:
         expected = {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
                     "num_workers": self._readers, "seed": self.seed,
                     "micro_batch_size": self.micro_batch_size, "shards": len(self.names),
-                    "tokenizer_sha256": self.index.get("tokenizer_sha256")}
+                    "tokenizer_sha256": self.index.get("tokenizer_sha256"), "lanes": self.lanes}
+        # Positions saved before length schedules: one lane per row, batch count unknown.
+        state = {"lanes": state.get("micro_batch_size"), **state}
+        if "batches" not in state and len(self.stages) > 1:
+            raise UserValueError("cannot resume the data loader: its saved position predates "
+                                 "sequence-length schedules, so the stage of the next batch "
+                                 "is unknown; resume without train.seq_len_schedule")
         for key, value in expected.items():
             if state.get(key) != value:
                 raise UserValueError(
@@ -423,6 +470,18 @@ class TokenLoader:
         self.close()
         self._states = [dict(s) if s else None for s in state["worker_states"]]
         self._next_worker = int(state["next_worker"])
+        self._batches = int(state.get("batches", 0))
+
+
+def _checked_stages(stages: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    stages = [tuple(int(v) for v in s) for s in stages]
+    if stages[0][0] != 0:
+        raise UserValueError(f"seq_len_stages must start at batch 0, not {stages[0][0]}")
+    for (start, seq_len, rows), previous in zip(stages, [None] + stages[:-1], strict=True):
+        _check_positive(seq_len=seq_len, rows=rows)
+        if previous is not None and start <= previous[0]:
+            raise UserValueError(f"seq_len_stages: batch {start} does not follow {previous[0]}")
+    return stages
 
 
 def _checks(index: dict[str, Any], strict: bool) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from mmfm.model.layers import QK_NORMS
 from mmfm.model.rope import RopeScalingConfig
 from mmfm.moe.config import MoEConfig
 from mmfm.parallel.config import ParallelConfig
+from mmfm.seq_len import SeqLenStage, validate_seq_len_schedule
 from mmfm.yaml_config import merge_structured, read_yaml_mapping
 
 ATTENTIONS = ("sdpa", "flash_attn")
@@ -201,6 +202,11 @@ class TrainConfig:
     # Start from these weights (a checkpoint or a folder with model.safetensors, e.g. from
     # `mmfm upcycle` or `mmfm import hf`); optimizer and data start fresh. Ignored on --resume.
     init_from: str | None = None
+    # Long context (mmfm/seq_len.py, docs/training.md): stages [{step, seq_len}, ...]; steps
+    # before the first stage run at data.seq_len. keep_tokens_per_step: rows of a micro-batch
+    # scale with 1/seq_len so each step sees the step-0 token count; false: rows stay fixed.
+    seq_len_schedule: list[SeqLenStage] = field(default_factory=list)
+    keep_tokens_per_step: bool = True
     guard: GuardConfig = field(default_factory=GuardConfig)
 
     def validate(self, path: str = "train") -> None:
@@ -315,6 +321,10 @@ class ExperimentConfig:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        try:
+            validate_seq_len_schedule(self)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.data.kind == "multimodal" and self.multimodal is None:
             raise ConfigError("data.kind=multimodal needs a multimodal: section "
                               "(see configs/mm_moe_tiny.yaml)")

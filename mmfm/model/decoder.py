@@ -88,7 +88,26 @@ class Decoder(nn.Module):
         # Not persistent: derived from the config, so checkpoints stay portable.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Sequences up to this length use plain RoPE (see scale_rope_beyond_original); None:
+        # model.rope_scaling applies at every length.
+        self.plain_rope_up_to: int | None = None
         self.reset_parameters()
+
+    def scale_rope_beyond_original(self) -> None:
+        """Apply `model.rope_scaling` only to sequences longer than its
+        `original_max_seq_len`; shorter ones rotate with plain RoPE, as the model was trained
+        before its context was extended. The rule of length-scheduled training
+        (`train.seq_len_schedule`, mmfm/seq_len.py); without this call (imported models,
+        inference, unscheduled runs) the scaling applies at every length, as transformers does."""
+        scaling = self.cfg.rope_scaling
+        if scaling is None:
+            return
+        up_to = min(scaling.original_max_seq_len, self.cfg.max_seq_len)
+        cos, sin = rope_cos_sin(up_to, self.cfg.head_dim, self.cfg.rope_theta, None,
+                                device=self.rope_cos.device)
+        self.register_buffer("rope_cos_plain", cos.to(self.rope_cos.dtype), persistent=False)
+        self.register_buffer("rope_sin_plain", sin.to(self.rope_sin.dtype), persistent=False)
+        self.plain_rope_up_to = up_to
 
     def reset_parameters(self) -> None:
         std, out_std = self.cfg.init_std, output_std(self.cfg.init_std, self.cfg.n_layers)
@@ -140,6 +159,8 @@ class Decoder(nn.Module):
                              token_loss_BT.detach())
 
     def _rope_tables(self, T: int) -> tuple[Tensor, Tensor]:
+        if self.plain_rope_up_to is not None and T <= self.plain_rope_up_to:
+            return self.rope_cos_plain[:T], self.rope_sin_plain[:T]
         return rope_tables(self.cfg, self.rope_cos, self.rope_sin, T)
 
     def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:

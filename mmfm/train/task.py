@@ -19,6 +19,7 @@ from mmfm.data.shards import check_disjoint_splits
 from mmfm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from mmfm.errors import UserValueError
 from mmfm.model import IGNORE_INDEX, Decoder
+from mmfm.seq_len import SeqLenSchedule
 
 
 @dataclass
@@ -55,9 +56,14 @@ class TextTask:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.loader: TokenLoader | None = None
+        self.schedule = SeqLenSchedule.from_config(cfg)
 
     def build_model(self) -> nn.Module:
-        return Decoder(self.cfg.model)
+        model = Decoder(self.cfg.model)
+        if self.cfg.train.seq_len_schedule:
+            # Short stages train with plain RoPE, longer ones with model.rope_scaling.
+            model.scale_rope_beyond_original()
+        return model
 
     def train_loader(self, rank: int = 0, world_size: int = 1,
                      pin_memory: bool = False) -> TokenLoader:
@@ -66,18 +72,24 @@ class TextTask:
         `pin_memory`: batches in page-locked memory, for non-blocking copies to a GPU."""
         dcfg, vocab = self.cfg.data, self.cfg.model.vocab_size
         tokenizer_sha = tokenizer_fingerprint(load_tokenizer(dcfg.tokenizer))
-        loader = TokenLoader(dcfg.train_shards, dcfg.seq_len, self.cfg.train.micro_batch_size,
+        first = self.schedule.stages[0]
+        loader = TokenLoader(dcfg.train_shards, first.seq_len, first.rows,
                              rank=rank, world_size=world_size, num_workers=dcfg.num_workers,
                              seed=self.cfg.run.seed, vocab_size=vocab, tokenizer_sha256=tokenizer_sha,
-                             strict=dcfg.strict, pin_memory=pin_memory)
+                             strict=dcfg.strict, pin_memory=pin_memory,
+                             seq_len_stages=self.schedule.loader_stages(self.cfg.train.grad_accum))
         next(iter_eval_batches(dcfg.val_shards, dcfg.seq_len, 1, 1, vocab, strict=dcfg.strict), None)
         check_disjoint_splits(dcfg.train_shards, dcfg.val_shards, "data.train_shards")
         self.loader = loader
         return loader
 
     def eval_batches(self) -> Iterable[Batch]:
+        """Validation batches at the length (and rows) training runs at now: under a
+        `train.seq_len_schedule`, the stage of the last training batch."""
         dcfg = self.cfg.data
-        return iter_eval_batches(dcfg.val_shards, dcfg.seq_len, self.cfg.train.micro_batch_size,
+        rows, seq_len = (self.loader.current_shape() if self.loader is not None
+                         else (self.schedule.stages[0].rows, self.schedule.stages[0].seq_len))
+        return iter_eval_batches(dcfg.val_shards, seq_len, rows,
                                  self.cfg.train.eval_batches, vocab_size=self.cfg.model.vocab_size,
                                  strict=dcfg.strict)
 

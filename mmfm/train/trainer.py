@@ -39,6 +39,7 @@ from mmfm.parallel.checkpoint import load_distributed, save_distributed
 from mmfm.parallel.mesh import ParallelDims, build_dims, init_distributed, launched_world_size
 from mmfm.parallel.step import forward_backward, pipeline_eval_loss, reduce_stats
 from mmfm.parallel.watchdog import RankWatchdog, explain_failure
+from mmfm.seq_len import SeqLenSchedule
 from mmfm.train.bookkeeping import (
     Clock,
     Interval,
@@ -106,7 +107,9 @@ class Trainer:
         self.run_dir = cfg.run.dir
         self.ckpt_root = self.run_dir / "checkpoints"
         self.device, self.precision = resolve_run(cfg.train, local_rank())
-        check_fits_memory(cfg, device=self.device.type)
+        self.seq_len_schedule = SeqLenSchedule.from_config(cfg)  # one stage without a schedule
+        for stage_cfg in self.seq_len_schedule.stage_configs(cfg):
+            check_fits_memory(stage_cfg, device=self.device.type)
         rank, world = start_process_group(cfg)
         self.watchdog = None
         if world > 1 and cfg.parallel.rank_timeout_s > 0:
@@ -140,7 +143,6 @@ class Trainer:
             self.clock = Clock(**checkpoint.meta.get("time", {}))
             if self.files is not None:
                 self.files.after_restore(self.step)
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         show = cfg.metrics.console if show_progress is None else show_progress
         self.show_progress = show and self.is_main_process
         self.resumed = checkpoint is not None
@@ -342,16 +344,25 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
-        """Tokens of one optimizer step over all data-parallel ranks."""
-        t = self.cfg.train
-        return t.micro_batch_size * t.grad_accum * self.cfg.data.seq_len * self.dims.dp
+        """Tokens of the last optimizer step over all data-parallel ranks (its stage's rows ×
+        seq_len under a `train.seq_len_schedule`)."""
+        stage = self.seq_len_schedule.at(self.step - 1)
+        return stage.tokens * self.cfg.train.grad_accum * self.dims.dp
+
+    @property
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token at the last step's sequence length."""
+        return flops_per_token(self.cfg.model, self.seq_len_schedule.at(self.step - 1).seq_len)
 
     def _progress_fields(self) -> dict[str, float]:
         """What a comparison of runs needs on every record: tokens seen, cumulative training
-        FLOPs (the `mmfm info` convention, 6·N_active + attention) and the run's wall and
-        process time (summed over resumes)."""
-        tokens = self.step * self.tokens_per_step
-        return {"tokens": tokens, "flops": float(tokens * self.flops_per_token),
+        FLOPs (the `mmfm info` convention, 6·N_active + attention, each stage's tokens at its
+        own length) and the run's wall and process time (summed over resumes)."""
+        ga, dp = self.cfg.train.grad_accum, self.dims.dp
+        tokens = self.seq_len_schedule.tokens_through(self.step, ga) * dp
+        flops = self.seq_len_schedule.flops_through(
+            self.step, ga, lambda seq_len: flops_per_token(self.cfg.model, seq_len)) * dp
+        return {"tokens": tokens, "flops": float(flops),
                 "time/wall_s": self.clock.wall_s, "time/process_s": self.clock.process_s}
 
     def train_step(self, batches: Iterator[Any]) -> dict[str, Any]:
@@ -383,6 +394,7 @@ class Trainer:
                 layer.load.bias_load_E.zero_()
         return {"train/loss": lm, "train/aux_loss": aux, "train/grad_norm": grad_norm,
                 "train/lr": lr, "train/update_skipped": float(not applied),
+                "train/seq_len": float(mine[0].input_ids.shape[-1]),
                 **self._merge_over_ranks(merge_task_metrics(task_metrics))}
 
     def _roll_back(self) -> None:
@@ -448,7 +460,7 @@ class Trainer:
         self.pm.train(False)
         total, count = 0.0, 0
         by_source = SourceLosses()
-        by_position = None
+        by_position, eval_len = None, self.cfg.data.seq_len
         for batch in self.task.eval_batches():
             batch = move_batch(batch, self.device)
             with self._autocast():
@@ -458,6 +470,7 @@ class Trainer:
                     out = self.task.loss(self.pm.module, batch)
                     loss, n = float(out.lm_loss), out.num_targets
             if self.dims.pp == 1 and out.token_loss_BT is not None:
+                eval_len = out.token_loss_BT.shape[1]  # the stage's length, under a schedule
                 by_source.add_batch(batch, out.token_loss_BT)
                 sums = bucket_sums(out.token_loss_BT, batch.labels != IGNORE_INDEX, POS_BUCKETS)
                 by_position = sums if by_position is None else \
@@ -468,7 +481,7 @@ class Trainer:
             raise UserValueError(f"data.val_shards={self.cfg.data.val_shards} yielded no tokens")
         out = {"val/loss": total / count, **by_source.metrics()}
         if by_position is not None:  # every rank saw every batch: nothing to reduce
-            out.update(bucket_metrics(*by_position, self.cfg.data.seq_len, prefix="val/loss_pos"))
+            out.update(bucket_metrics(*by_position, eval_len, prefix="val/loss_pos"))
         return out
 
     def _record_routing(self) -> None:
