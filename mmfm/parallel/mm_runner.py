@@ -200,6 +200,12 @@ class FixedMMTask:
 
         return multimodal_loss(model, batch, document_mask=False)
 
+    def token_loss_metrics(self, batch, token_loss_BT: torch.Tensor) -> dict[str, float]:
+        """The per-group metrics of `loss` from a pipeline's recorded token losses."""
+        from mmfm.train.multimodal import IGNORE_INDEX, group_metrics
+
+        return group_metrics(token_loss_BT, batch.labels != IGNORE_INDEX, batch, {})
+
 
 def aux_domains_per_step(pcfg: ParallelConfig, tcfg, world_size: int) -> int:
     """Micro-batches the single-process reference cuts each global batch into: one per aux
@@ -215,9 +221,10 @@ def aux_domains_per_step(pcfg: ParallelConfig, tcfg, world_size: int) -> int:
 def mm_distributed_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[list[Row]],
                        encoders: dict[str, EncoderConfig], routing: str,
                        groups: dict[str, int], **kwargs) -> RunResult:
-    """`distributed_run` with the multimodal task (collective)."""
-    chunks = pcfg.microbatches if pcfg.pp > 1 else tcfg.grad_accum
-    task = FixedMMTask(model_cfg, encoders, routing, groups, batches, chunks)
+    """`distributed_run` with the multimodal task (collective). The loader hands out
+    `train.grad_accum` micro-batches per step, as the multimodal task's does; under pipeline
+    parallelism the step re-cuts their rows into `parallel.microbatches`."""
+    task = FixedMMTask(model_cfg, encoders, routing, groups, batches, tcfg.grad_accum)
     return distributed_run(model_cfg, pcfg, tcfg, batches, task=task, **kwargs)
 
 
