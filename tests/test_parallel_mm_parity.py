@@ -103,6 +103,20 @@ def run_layout(name: str, data, reference: bool = False, **kwargs):
     return mm_distributed_run(*args, data, tiny_encoders(), routing, GROUPS_OF_EXPERTS, **kwargs)
 
 
+def eval_loss(name: str, data, reference: bool = False) -> float:
+    """`Trainer.evaluate` of the freshly built model (same seed on every layout) on one
+    validation batch of 8 rows (step 1's: media in half the rows), under the layout (pipeline:
+    `pipeline_eval_loss`) or on one process."""
+    from mmfm.parallel.mm_runner import FixedMMTask
+    from mmfm.parallel.runner import fixed_batch_trainer
+
+    pcfg = ParallelConfig(engine="ddp") if reference else pcfg_of(name)
+    task = FixedMMTask(layout_model_cfg(name), tiny_encoders(), LAYOUTS[name][4],
+                       GROUPS_OF_EXPERTS, data, train_cfg(name).grad_accum, eval_rows=data[1])
+    trainer = fixed_batch_trainer(layout_model_cfg(name), pcfg, train_cfg(name), data, task=task)
+    return trainer.evaluate()
+
+
 def _train_group(names: list[str], ckpt_dir: str) -> dict:
     import torch.distributed as dist
 
@@ -111,12 +125,18 @@ def _train_group(names: list[str], ckpt_dir: str) -> dict:
     for name in names:
         save = dict(save_to=ckpt_dir, save_at=CHECKPOINTED[1]) if name == CHECKPOINTED[0] else {}
         out[name] = run_layout(name, data, **save)
+        if LAYOUTS[name][1].get("pp", 1) > 1:
+            out[f"eval:{name}"] = eval_loss(name, data)
     return out if dist.get_rank() == 0 else {}
 
 
 def _reference_group(names: list[str], ckpt_dir: str) -> dict:
     data = batches()
-    out = {name: run_layout(name, data, reference=True) for name in names}
+    out = {}
+    for name in names:
+        out[name] = run_layout(name, data, reference=True)
+        if LAYOUTS[name][1].get("pp", 1) > 1:
+            out[f"eval:{name}"] = eval_loss(name, data, reference=True)
     if CHECKPOINTED[0] in names:
         out["resume"] = _resume_on_one_process(data, ckpt_dir)
     return out
@@ -146,15 +166,15 @@ def results(tmp_path_factory):
     cache: dict[str, tuple] = {}
 
     def get(name: str):
-        group = next(g for g, names in RUN_GROUPS.items()
-                     if name in names or (name == "resume" and CHECKPOINTED[0] in names))
+        layout = CHECKPOINTED[0] if name == "resume" else name.removeprefix("eval:")
+        group = next(g for g, names in RUN_GROUPS.items() if layout in names)
         if name not in cache:
             world = LAYOUTS[RUN_GROUPS[group][0]][0]
             ckpt = str(tmp_path_factory.mktemp("mm_ckpt") / "ckpt")
             dist_out = spawn(_train_group, world, (RUN_GROUPS[group], ckpt), timeout_s=300)[0]
             ref_out = spawn(_reference_group, 1, (RUN_GROUPS[group], ckpt), timeout_s=300)[0]
-            for layout in RUN_GROUPS[group]:
-                cache[layout] = (dist_out[layout], ref_out[layout])
+            for key in dist_out:
+                cache[key] = (dist_out[key], ref_out[key])
             if "resume" in ref_out:
                 cache["resume"] = ref_out["resume"]
         return cache[name]
@@ -196,6 +216,15 @@ def assert_states_match(state: dict, ref_state: dict) -> None:
 def test_multimodal_layout_matches_single_process(name, results):
     result, ref = results(name)
     assert_mm_matches(result, ref)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", [n for n, layout in LAYOUTS.items() if layout[1].get("pp", 1) > 1])
+def test_pipeline_evaluation_matches_single_process(name, results):
+    """Validation through the pipeline (media looked up by the first stage, the loss on the
+    last) gives the one-process loss of the same weights."""
+    got, want = results(f"eval:{name}")
+    assert abs(got - want) <= LOSS_RTOL * abs(want), (got, want)
 
 
 @pytest.mark.distributed

@@ -161,10 +161,12 @@ class FixedMMTask:
     """A `Task` on fixed multimodal rows: the real multimodal model and loss."""
 
     def __init__(self, model_cfg, encoders: dict[str, EncoderConfig], routing: str,
-                 groups: dict[str, int], batches: list[list[Row]], grad_accum: int) -> None:
+                 groups: dict[str, int], batches: list[list[Row]], grad_accum: int,
+                 eval_rows: list[Row] | None = None) -> None:
         self.model_cfg, self.encoders = model_cfg, encoders
         self.routing, self.groups = routing, dict(groups)
         self.batches, self.grad_accum = batches, grad_accum
+        self.eval_rows = eval_rows  # one validation batch of these rows (none if None)
         self.loader: FixedMMLoader | None = None
 
     def build_model(self):
@@ -193,7 +195,9 @@ class FixedMMTask:
         return self.loader
 
     def eval_batches(self) -> list:
-        return []
+        if not self.eval_rows:
+            return []
+        return [collate_rows(self.eval_rows, preprocessors(self.encoders))]
 
     def loss(self, model, batch):
         from mmfm.train.multimodal import multimodal_loss
