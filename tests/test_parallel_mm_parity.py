@@ -55,14 +55,15 @@ LAYOUTS = {
     # rows (and their media) into the pipeline's micro-batches itself.
     "pp2_gpipe_moma": (2, dict(engine="ddp", pp=2, microbatches=2, pp_schedule="gpipe"), 2, 2,
                        "modality"),
-    "pp2_interleaved_shared": (2, dict(engine="ddp", pp=2, microbatches=4, pp_virtual_stages=2,
-                                       pp_schedule="interleaved_1f1b"), 4, 1, "shared"),
+    "pp2_interleaved_ac_shared": (2, dict(engine="ddp", pp=2, microbatches=4,
+                                          pp_virtual_stages=2, pp_schedule="interleaved_1f1b",
+                                          activation_checkpointing=True), 4, 1, "shared"),
     "pp2_dp2_1f1b_fsdp_moma": (4, dict(engine="fsdp", pp=2, microbatches=2, pp_schedule="1f1b"),
                                2, 1, "modality"),
 }
 RUN_GROUPS = {
     "mm2": ["ddp_dp2_moma", "fsdp_dp2_shared"],
-    "mm_pp2": ["pp2_gpipe_moma", "pp2_interleaved_shared"],
+    "mm_pp2": ["pp2_gpipe_moma", "pp2_interleaved_ac_shared"],
     "mm_pp4": ["pp2_dp2_1f1b_fsdp_moma"],
 }
 # Checkpointed after this step of this layout's run, then resumed on one process.
@@ -258,3 +259,28 @@ def test_harness_rows_have_equal_targets_and_uneven_media():
     assert len(targets) == 1
     assert any(row.media for row in data[1][:ROWS // 2])
     assert not any(row.media for row in data[1][ROWS // 2:])
+
+
+def test_pipeline_micro_batches_carry_their_rows_media():
+    """The step's cut of loader micro-batches into pipeline micro-batches: each range of rows
+    gets exactly the media items (data up to padding, lengths, token counts) that collating
+    those rows directly gives, whether it splits one loader batch or joins two."""
+    from mmfm.data.mm_pack import collate_rows
+    from mmfm.parallel.mm_pipeline import micro_batch_media
+    from mmfm.parallel.mm_runner import preprocessors, special_ids
+
+    rows = batches()[0]
+    pre = preprocessors(tiny_encoders())
+    ids = {m: special_ids(VOCAB)[m] for m in ("image", "audio")}
+    loader = [collate_rows(rows[i:i + 2], pre) for i in range(0, 8, 2)]
+    for microbatches in (8, 2):  # split each loader batch in two / join two loader batches
+        per = len(rows) // microbatches
+        got = micro_batch_media(loader, microbatches, ids)
+        for k, media in enumerate(got):
+            want = collate_rows(rows[k * per:(k + 1) * per], pre).media
+            for m in ids:
+                assert torch.equal(media[m].num_tokens, want[m].num_tokens), (microbatches, k, m)
+                assert torch.equal(media[m].lengths, want[m].lengths)
+                trimmed = media[m].data[(...,) + tuple(slice(0, n) for n in want[m].data.shape[1:])]
+                assert torch.equal(trimmed, want[m].data)
+    assert sum(len(mb["audio"]) for mb in got) == sum(len(b.media["audio"]) for b in loader) > 0
