@@ -339,10 +339,10 @@ class ExperimentConfig:
         """The layouts each job supports: a rule spanning `data` and `parallel`, checked here so
         `mmfm launch` refuses what the ranks would refuse, before any process starts."""
         p = self.parallel
-        if self.data.kind != "text" and max(p.tp, p.pp, p.ep) > 1:
-            raise ConfigError(f"parallel.tp={p.tp}, parallel.pp={p.pp}, parallel.ep={p.ep}: "
-                              f"only data parallelism is implemented for "
-                              f"data.kind={self.data.kind!r} (tp, pp and ep need 1)")
+        if self.data.kind != "text" and max(p.tp, p.ep) > 1:
+            raise ConfigError(f"parallel.tp={p.tp}, parallel.ep={p.ep}: only data and pipeline "
+                              f"parallelism are implemented for data.kind={self.data.kind!r} "
+                              f"(tp and ep need 1)")
 
     def _validate_fp8_layout(self) -> None:
         """torchao's float8 linears compose with FSDP2 and DDP here; tensor parallelism would

@@ -25,7 +25,8 @@ from mmfm.model.decoder import Decoder, DecoderOutput
 from mmfm.model.layers import output_std
 
 __all__ = ["MODALITY_IDS", "EncoderSlot", "FeatureCacheError", "MediaTensors", "MultimodalModel",
-           "PlaceholderMismatchError", "install_modality_moe", "placeholder_runs", "scatter_media"]
+           "PlaceholderMismatchError", "fuse_media", "install_modality_moe", "modality_ids_of",
+           "placeholder_runs", "scatter_media"]
 
 
 class PlaceholderMismatchError(UserValueError):
@@ -127,6 +128,39 @@ def scatter_media(embeds_BTD: Tensor, input_ids_BT: Tensor, placeholder_id: int,
     return embeds_BTD.masked_scatter(mask_BT[..., None], feats_ND.to(embeds_BTD.dtype))
 
 
+def modality_ids_of(input_ids_BT: Tensor, placeholder_ids: dict[str, int]) -> Tensor:
+    """(B, T) int64: 0 for text tokens, 1/2 at image/audio placeholders."""
+    ids_BT = torch.zeros_like(input_ids_BT)
+    for modality, token in placeholder_ids.items():
+        ids_BT = ids_BT.masked_fill(input_ids_BT == token, MODALITY_IDS[modality])
+    return ids_BT
+
+
+def fuse_media(embeds_BTD: Tensor, input_ids_BT: Tensor, media: dict[str, MediaTensors] | None,
+               slots: nn.ModuleDict, placeholder_ids: dict[str, int], step: int) -> Tensor:
+    """Token embeddings `embeds_BTD` with each modality's encoded, projected media scattered
+    into its placeholders (`step`: optimizer steps so far, for unfreeze-after-N). Shared by
+    `MultimodalModel` and the first pipeline stage (`mmfm.parallel.mm_pipeline`)."""
+    media = media or {}
+    for modality, token in placeholder_ids.items():
+        items = media.get(modality)
+        count = 0 if items is None else len(items)
+        if modality not in slots:
+            if count or bool((input_ids_BT == token).any()):
+                raise PlaceholderMismatchError(f"batch holds {modality} but the model has "
+                                               f"no {modality} encoder configured")
+            continue
+        if count == 0:
+            feats_ND = embeds_BTD.new_zeros(0, embeds_BTD.shape[-1])
+            num_tokens: list[int] = []
+        else:
+            feats_ND = slots[modality](items, step)
+            num_tokens = items.num_tokens.tolist()
+        embeds_BTD = scatter_media(embeds_BTD, input_ids_BT, token, feats_ND, num_tokens,
+                                   modality)
+    return embeds_BTD
+
+
 class MultimodalModel(nn.Module):
     """Decoder + modality encoders: embed tokens, encode and project media, scatter them into
     their placeholders, run the decoder on the fused embeddings."""
@@ -155,32 +189,12 @@ class MultimodalModel(nn.Module):
 
     def modality_ids(self, input_ids_BT: Tensor) -> Tensor:
         """(B, T) int64: 0 for text tokens, 1/2 at image/audio placeholders."""
-        ids_BT = torch.zeros_like(input_ids_BT)
-        for modality, token in self.placeholder_ids.items():
-            ids_BT = ids_BT.masked_fill(input_ids_BT == token, MODALITY_IDS[modality])
-        return ids_BT
+        return modality_ids_of(input_ids_BT, self.placeholder_ids)
 
     def embed(self, input_ids_BT: Tensor, media: dict[str, MediaTensors] | None) -> Tensor:
         """(B, T, D) token embeddings with every modality's media scattered in."""
-        embeds_BTD = self.decoder.embed(input_ids_BT)
-        media = media or {}
-        for modality, token in self.placeholder_ids.items():
-            items = media.get(modality)
-            count = 0 if items is None else len(items)
-            if modality not in self.slots:
-                if count or bool((input_ids_BT == token).any()):
-                    raise PlaceholderMismatchError(f"batch holds {modality} but the model has "
-                                                   f"no {modality} encoder configured")
-                continue
-            if count == 0:
-                feats_ND = embeds_BTD.new_zeros(0, embeds_BTD.shape[-1])
-                num_tokens: list[int] = []
-            else:
-                feats_ND = self.slots[modality](items, self.train_step)
-                num_tokens = items.num_tokens.tolist()
-            embeds_BTD = scatter_media(embeds_BTD, input_ids_BT, token, feats_ND, num_tokens,
-                                       modality)
-        return embeds_BTD
+        return fuse_media(self.decoder.embed(input_ids_BT), input_ids_BT, media, self.slots,
+                          self.placeholder_ids, self.train_step)
 
     def forward(self, input_ids_BT: Tensor, doc_ids_BT: Tensor | None = None,
                 media: dict[str, MediaTensors] | None = None,

@@ -240,14 +240,17 @@ def build_adamw(parts, named_params, tcfg, model_cfg) -> torch.optim.AdamW:
 
     embeddings = {id(m.weight) for part in parts for m in part.modules()
                   if isinstance(m, nn.Embedding)}
-    tied_head = {"lm_head.weight"} if model_cfg.tie_embeddings else set()
+    # (the multimodal model's decoder is `decoder.`)
+    tied_head = {"lm_head.weight", "decoder.lm_head.weight"} if model_cfg.tie_embeddings \
+        else set()
     return adamw(named_params, tcfg, no_decay_ids=embeddings, no_decay_names=tied_head)
 
 
 def grad_specs(pm: ParallelModel) -> list[GradSpec]:
     dims, tied_names = pm.dims, set()
     if dims.pp > 1 and pm.model_cfg.tie_embeddings:
-        tied_names = {"embed.weight", "lm_head.weight"}
+        tied_names = {"embed.weight", "lm_head.weight",
+                      "decoder.embed.weight", "decoder.lm_head.weight"}  # text, multimodal
     specs = []
     for name, param in pm.named_parameters():
         expert = dims.ep > 1 and ".ffn.experts." in name
@@ -266,12 +269,18 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
     """Lay `model` (a Decoder, identical on every rank) out as `cfg` says over `dims`, in the
     run's `precision` (from `mmfm.device.resolve_precision`; None: fp32 weights)."""
     cfg.validate("parallel", decoder_of(model).cfg, world_size=dims.world_size)
-    if decoder_of(model) is not model and max(dims.pp, dims.tp, dims.ep) > 1:
+    multimodal = decoder_of(model) is not model
+    if multimodal and max(dims.tp, dims.ep) > 1:
         raise UserValueError(
-            "parallel.tp/pp/ep > 1 are implemented for the text decoder; the multimodal model "
-            "trains data-parallel (parallel.dp with engine ddp, fsdp or deepspeed)")
-    if dims.pp > 1:
-        parts: list[nn.Module] = split_stages(model, cfg, dims.pp_rank)
+            "parallel.tp/ep > 1 are implemented for the text decoder; the multimodal model "
+            "trains data-parallel (parallel.dp with engine ddp, fsdp or deepspeed) and "
+            "pipeline-parallel (parallel.pp)")
+    if dims.pp > 1 and multimodal:
+        from mmfm.parallel.mm_pipeline import split_multimodal_stages
+
+        parts: list[nn.Module] = split_multimodal_stages(model, cfg, dims.pp_rank)
+    elif dims.pp > 1:
+        parts = split_stages(model, cfg, dims.pp_rank)
     else:
         parts = [model]
     for part in parts:

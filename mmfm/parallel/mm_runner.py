@@ -161,10 +161,12 @@ class FixedMMTask:
     """A `Task` on fixed multimodal rows: the real multimodal model and loss."""
 
     def __init__(self, model_cfg, encoders: dict[str, EncoderConfig], routing: str,
-                 groups: dict[str, int], batches: list[list[Row]], grad_accum: int) -> None:
+                 groups: dict[str, int], batches: list[list[Row]], grad_accum: int,
+                 eval_rows: list[Row] | None = None) -> None:
         self.model_cfg, self.encoders = model_cfg, encoders
         self.routing, self.groups = routing, dict(groups)
         self.batches, self.grad_accum = batches, grad_accum
+        self.eval_rows = eval_rows  # one validation batch of these rows (none if None)
         self.loader: FixedMMLoader | None = None
 
     def build_model(self):
@@ -193,12 +195,20 @@ class FixedMMTask:
         return self.loader
 
     def eval_batches(self) -> list:
-        return []
+        if not self.eval_rows:
+            return []
+        return [collate_rows(self.eval_rows, preprocessors(self.encoders))]
 
     def loss(self, model, batch):
         from mmfm.train.multimodal import multimodal_loss
 
         return multimodal_loss(model, batch, document_mask=False)
+
+    def token_loss_metrics(self, batch, token_loss_BT: torch.Tensor) -> dict[str, float]:
+        """The per-group metrics of `loss` from a pipeline's recorded token losses."""
+        from mmfm.train.multimodal import IGNORE_INDEX, group_metrics
+
+        return group_metrics(token_loss_BT, batch.labels != IGNORE_INDEX, batch, {})
 
 
 def aux_domains_per_step(pcfg: ParallelConfig, tcfg, world_size: int) -> int:
@@ -215,9 +225,10 @@ def aux_domains_per_step(pcfg: ParallelConfig, tcfg, world_size: int) -> int:
 def mm_distributed_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[list[Row]],
                        encoders: dict[str, EncoderConfig], routing: str,
                        groups: dict[str, int], **kwargs) -> RunResult:
-    """`distributed_run` with the multimodal task (collective)."""
-    chunks = pcfg.microbatches if pcfg.pp > 1 else tcfg.grad_accum
-    task = FixedMMTask(model_cfg, encoders, routing, groups, batches, chunks)
+    """`distributed_run` with the multimodal task (collective). The loader hands out
+    `train.grad_accum` micro-batches per step, as the multimodal task's does; under pipeline
+    parallelism the step re-cuts their rows into `parallel.microbatches`."""
+    task = FixedMMTask(model_cfg, encoders, routing, groups, batches, tcfg.grad_accum)
     return distributed_run(model_cfg, pcfg, tcfg, batches, task=task, **kwargs)
 
 

@@ -70,13 +70,18 @@ class StageModule(nn.Module):
 
     def forward(self, x: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         """Token ids (first stage) or hidden states (B, T, D) -> hidden states or logits."""
-        h_BTD = self.embed(x) if self.first else x
+        return self.run_blocks(self.embed(x) if self.first else x, doc_ids)
+
+    def run_blocks(self, h_BTD: Tensor, doc_ids: Tensor | None = None,
+                   modality_ids: Tensor | None = None) -> Tensor:
+        """Embeddings or hidden states (B, T, D) through this stage's blocks (modality-aware
+        MoE FFNs get `modality_ids`), then, on the last stage, norm and LM head."""
         T = h_BTD.shape[1]
         cos, sin = rope_tables(self.cfg, self.rope_cos, self.rope_sin, T)
         mask = _attention_mask(doc_ids, self.attention)
         aux = h_BTD.new_zeros((), dtype=torch.float32)
         for block in self.blocks.values():
-            h_BTD, block_aux = block(h_BTD, cos, sin, mask)
+            h_BTD, block_aux = block(h_BTD, cos, sin, mask, modality_ids)
             aux = aux + block_aux
         self.aux_losses.append(aux.detach())
         h_BTD = attach_aux_loss(h_BTD, aux)
@@ -118,7 +123,10 @@ def build_schedule(parts: list[StageModule], cfg: ParallelConfig, pp_rank: int,
     ids = stage_ids(cfg, pp_rank)
     stages = [PipelineStage(part, s, cfg.num_stages, device, group=pp_group)
               for part, s in zip(parts, ids, strict=True)]
+    # A last stage may bring its own loss (the multimodal stage records per-token losses).
+    loss_fn = next((p.pipeline_loss for p in parts if p.last and hasattr(p, "pipeline_loss")),
+                   _loss_fn)
     if cfg.pp_schedule == "interleaved_1f1b":
-        return ScheduleInterleaved1F1B(stages, cfg.microbatches, loss_fn=_loss_fn)
+        return ScheduleInterleaved1F1B(stages, cfg.microbatches, loss_fn=loss_fn)
     cls = ScheduleGPipe if cfg.pp_schedule == "gpipe" else Schedule1F1B
-    return cls(stages[0], cfg.microbatches, loss_fn=_loss_fn)
+    return cls(stages[0], cfg.microbatches, loss_fn=loss_fn)

@@ -16,8 +16,7 @@ def forward_backward(pm: ParallelModel, batches: list, task,
     and the task's per-micro-batch metrics; gradients are left for `ParallelModel.step`."""
     if pm.dims.pp > 1:
         with autocast():
-            lm, aux = _pipeline_forward_backward(pm, batches, task)
-        return lm, aux, []
+            return _pipeline_forward_backward(pm, batches, task)
     n = len(batches)
     lm = aux = 0.0
     metrics = []
@@ -33,13 +32,20 @@ def forward_backward(pm: ParallelModel, batches: list, task,
     return lm, aux, metrics
 
 
-def _pipeline_forward_backward(pm: ParallelModel, batches: list, task) -> tuple[float, float]:
-    """All of this rank's rows go through one schedule step, cut into `microbatches`."""
+def _pipeline_forward_backward(pm: ParallelModel, batches: list,
+                               task) -> tuple[float, float, list[dict[str, float]]]:
+    """All of this rank's rows go through one schedule step, cut into `microbatches`. The
+    multimodal model's media, modality ids and per-group metrics: `mm_pipeline`."""
+    from mmfm.parallel import mm_pipeline
+
     ids = torch.cat([b.input_ids for b in batches]).to(pm.dims.device)
     labels = torch.cat([b.labels for b in batches]).to(pm.dims.device)
     kwargs = {}
     if getattr(getattr(getattr(task, "cfg", None), "data", None), "document_mask", False):
         kwargs["doc_ids"] = torch.cat([b.doc_ids for b in batches]).to(pm.dims.device)
+    multimodal = mm_pipeline.is_multimodal(pm.parts)
+    if multimodal:
+        kwargs.update(mm_pipeline.prepare_step(pm.parts, batches, ids, pm.cfg.microbatches))
     first = any(p.first for p in pm.parts)
     last = any(p.last for p in pm.parts)
     losses: list = []
@@ -50,7 +56,8 @@ def _pipeline_forward_backward(pm: ParallelModel, batches: list, task) -> tuple[
     lm = float(torch.stack([l.detach().float() for l in losses]).mean()) if last else 0.0
     n = pm.cfg.microbatches
     aux = sum(float(part.pop_aux(n)) for part in pm.parts) / n
-    return lm, aux
+    metrics = mm_pipeline.finish_step(pm, batches, task) if multimodal else []
+    return lm, aux, metrics
 
 
 def reduce_stats(pm: ParallelModel, values: list[float]) -> list[float]:
@@ -68,11 +75,15 @@ def reduce_stats(pm: ParallelModel, values: list[float]) -> list[float]:
 def pipeline_eval_loss(pm: ParallelModel, batch, document_mask: bool) -> tuple[float, int]:
     """Forward-only pass through the stages in order (no micro-batching): each rank runs its
     stages, activations go point-to-point to the next stage's rank; the loss is shared."""
+    from mmfm.parallel import mm_pipeline
     from mmfm.parallel.pipeline import stage_ids
 
     dims = pm.dims
     ids = batch.input_ids.to(dims.device)
     doc_ids = batch.doc_ids.to(dims.device) if document_mask else None
+    # The multimodal stages: the first looks the batch's media up, all take modality ids.
+    extra = mm_pipeline.eval_kwargs(pm.parts, batch) if mm_pipeline.is_multimodal(pm.parts) \
+        else {}
     mine = dict(zip(stage_ids(pm.cfg, dims.pp_rank), pm.parts, strict=True))
     num_stages = pm.cfg.num_stages
     B, T = ids.shape
@@ -84,7 +95,7 @@ def pipeline_eval_loss(pm: ParallelModel, batch, document_mask: bool) -> tuple[f
             if s > 0 and (s - 1) % dims.pp != dims.pp_rank:
                 h = torch.empty(B, T, pm.parts[0].cfg.d_model, device=dims.device)
                 dist.recv(h, group=dims.pp_group, group_src=(s - 1) % dims.pp)
-            out = mine[s](ids if s == 0 else h, doc_ids)
+            out = mine[s](ids if s == 0 else h, doc_ids, **extra)
             if s == num_stages - 1:
                 loss += float(lm_loss(out, batch.labels.to(dims.device)))
             else:
@@ -93,5 +104,6 @@ def pipeline_eval_loss(pm: ParallelModel, batch, document_mask: bool) -> tuple[f
                     dist.send(h, group=dims.pp_group, group_dst=(s + 1) % dims.pp)
     for part in pm.parts:
         part.aux_losses.clear()
+    mm_pipeline.clear_tables(pm.parts)
     dist.all_reduce(loss, group=dims.pp_group)
     return float(loss), int((batch.labels != -100).sum())

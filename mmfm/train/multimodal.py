@@ -103,6 +103,12 @@ class MultimodalTask:
         skipped = self.loader.skipped if self.loader is not None else {}
         return multimodal_loss(model, batch, self.cfg.data.document_mask, skipped)
 
+    def token_loss_metrics(self, batch: MMBatch, token_loss_BT: torch.Tensor) -> dict[str, float]:
+        """`loss`'s metrics from per-token losses the model computed elsewhere (the last
+        pipeline stage records them; see `mmfm.parallel.mm_pipeline`)."""
+        skipped = self.loader.skipped if self.loader is not None else {}
+        return group_metrics(token_loss_BT, batch.labels != IGNORE_INDEX, batch, skipped)
+
 
 def multimodal_loss(model: nn.Module, batch: MMBatch, document_mask: bool,
                     skipped: dict[str, int] | None = None) -> LossOutput:
