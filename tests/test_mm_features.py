@@ -33,16 +33,16 @@ def _task(shards, text_data, tmp_path, **extra) -> MultimodalTask:
     cfg = mm_config(shards, text_data, tmp_path / "run", **{**FROZEN, **extra})
     task = MultimodalTask(cfg)
     torch.manual_seed(cfg.run.seed)  # as the trainer and `mmfm data encode` do
-    task.build_model()
+    task.built_model = task.build_model()
     return task
 
 
 def _eval_losses(task: MultimodalTask) -> list[tuple[float, dict[str, bool]]]:
-    task.model.eval()
+    model = task.built_model.eval()
     out = []
     with torch.no_grad():
         for batch in task.eval_batches():
-            loss = task.loss(task.model, batch).lm_loss
+            loss = task.loss(model, batch).lm_loss
             out.append((float(loss), {m: v.fingerprint is not None for m, v in batch.media.items()}))
     return out
 
@@ -61,7 +61,7 @@ def test_cached_features_give_the_same_batches_and_loss(shards, text_data, tmp_p
     b_cached = next(cached.train_loader())
     b_online = next(online.train_loader())
     assert torch.equal(b_cached.input_ids, b_online.input_ids)
-    slot = online.model.slots["image"]
+    slot = online.slots["image"]
     with torch.no_grad():
         tower = slot.encoder(b_online.media["image"].data)
     assert torch.allclose(b_cached.media["image"].data, tower, atol=1e-5)
@@ -91,7 +91,7 @@ def test_model_refuses_features_of_another_encoder(shards, text_data, tmp_path):
     batch = next(_task(shards, text_data, tmp_path).train_loader())
     other = _task(shards, text_data, tmp_path, **{"run.seed": 1})
     with pytest.raises(FeatureCacheError, match="the feature cache is stale"):
-        other.loss(other.model, batch)
+        other.loss(other.built_model, batch)
 
 
 def test_partial_or_foreign_caches_are_refused(shards, text_data, tmp_path):

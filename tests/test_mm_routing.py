@@ -105,7 +105,7 @@ def test_validation_batches_name_their_shard_set(mm_shards, text_data, tmp_path)
     task = build_task(cfg)
     model = task.build_model().eval()
     pad = special_token_ids(load_tokenizer(cfg.data.tokenizer))[PAD]
-    ids = task.model.placeholder_ids
+    ids = model.placeholder_ids
     by_source, total, count = SourceLosses(), 0.0, 0
     for batch in task.eval_batches():
         assert batch.sources == ("photos", "speech")

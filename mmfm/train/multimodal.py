@@ -34,7 +34,10 @@ class MultimodalTask:
             raise UserValueError("data.kind=multimodal needs a multimodal: section")
         self.cfg, self.mm = cfg, cfg.multimodal
         self.loader: MMLoader | None = None
-        self.model: MultimodalModel | None = None  # kept for the feature-cache fingerprints
+        # The encoder slots of the built model, for the feature-cache fingerprints. Only the
+        # slots: a pipeline rank drops the decoder layers it does not hold, and a reference
+        # to the whole model here would keep them alive.
+        self.slots: dict[str, EncoderSlot] = {}
 
     def build_model(self) -> MultimodalModel:
         """Decoder (with modality-aware MoE FFNs) + one encoder slot per configured modality."""
@@ -49,19 +52,19 @@ class MultimodalTask:
             slots[modality] = EncoderSlot(encoder, projector, enc_cfg.train_mode,
                                           enc_cfg.unfreeze_after_steps, enc_cfg)
         ids = special_token_ids(load_tokenizer(self.cfg.data.tokenizer))
-        self.model = MultimodalModel(decoder, slots, {"image": ids[IMAGE], "audio": ids[AUDIO]},
-                                     grad_accum=self.cfg.train.grad_accum)
-        return self.model
+        self.slots = dict(slots)
+        return MultimodalModel(decoder, slots, {"image": ids[IMAGE], "audio": ids[AUDIO]},
+                               grad_accum=self.cfg.train.grad_accum)
 
     def feature_fingerprints(self) -> dict[str, str]:
         """{modality: fingerprint} of the frozen encoders of the built model, whose feature
         caches the loaders read when present (`multimodal.feature_cache`)."""
-        if self.model is None or not self.mm.feature_cache:
+        if not self.slots or not self.mm.feature_cache:
             return {}
         dirs = [d for s in self.mm.sources.values() for d in (s.train, s.val) if d]
         # Hash weights only where a cache exists: hashing a large tower is not free, and a
         # sharded (FSDP) tower gathers its weights to hash them.
-        return {m: slot.fingerprint() for m, slot in self.model.slots.items()
+        return {m: slot.fingerprint() for m, slot in self.slots.items()
                 if slot.train_mode == "frozen"
                 and any(read_cache_index(d, m) is not None for d in dirs)}
 
