@@ -304,6 +304,7 @@ class ExperimentConfig:
         self.metrics.validate()
         try:  # the world size is checked again at launch, when it is known
             self.parallel.validate("parallel", self.model, train_cfg=self.train)
+            self.parallel.validate_seq_len(self.data.seq_len)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if self.train.precision == "fp8":
@@ -329,10 +330,10 @@ class ExperimentConfig:
         """The layouts each job supports: a rule spanning `data` and `parallel`, checked here so
         `mmfm launch` refuses what the ranks would refuse, before any process starts."""
         p = self.parallel
-        if self.data.kind != "text" and max(p.tp, p.pp, p.ep) > 1:
-            raise ConfigError(f"parallel.tp={p.tp}, parallel.pp={p.pp}, parallel.ep={p.ep}: "
-                              f"only data parallelism is implemented for "
-                              f"data.kind={self.data.kind!r} (tp, pp and ep need 1)")
+        if self.data.kind != "text" and max(p.tp, p.pp, p.ep, p.cp) > 1:
+            raise ConfigError(f"parallel.tp={p.tp}, parallel.pp={p.pp}, parallel.ep={p.ep}, "
+                              f"parallel.cp={p.cp}: only data parallelism is implemented for "
+                              f"data.kind={self.data.kind!r} (tp, pp, ep and cp need 1)")
 
     def _validate_fp8_layout(self) -> None:
         """torchao's float8 linears compose with FSDP2 and DDP here; tensor parallelism would
