@@ -39,7 +39,7 @@ class ParallelDims:
     ep: int
     rank: int
     device: torch.device
-    mesh: DeviceMesh  # ("pp", "dp", "cp", "tp"); "dp_cp" flattened from ("dp", "cp")
+    mesh: DeviceMesh  # ("pp", "dp", "cp", "tp")
     ep_group: dist.ProcessGroup
     edp_group: dist.ProcessGroup
     edp_mesh: DeviceMesh
@@ -47,6 +47,7 @@ class ParallelDims:
     ep_ranks: list[int]
     edp_ranks: list[int]
     cp: int = 1  # context parallel: ranks sharing a sequence (last: keeps positional use valid)
+    flat_dp_cp_mesh: DeviceMesh | None = None  # ("dp", "cp") flattened, when cp > 1
 
     @property
     def world_size(self) -> int:
@@ -90,7 +91,7 @@ class ParallelDims:
     def dp_cp_mesh(self) -> DeviceMesh:
         """The dp × cp ranks as one dimension: FSDP shards and gradients average over it
         (the plain dp mesh when cp = 1, so those layouts are unchanged)."""
-        return self.mesh["dp_cp"] if self.cp > 1 else self.mesh["dp"]
+        return self.flat_dp_cp_mesh if self.flat_dp_cp_mesh is not None else self.mesh["dp"]
 
     @property
     def dp_cp_group(self) -> dist.ProcessGroup:
@@ -171,7 +172,9 @@ def build_dims(cfg: ParallelConfig, device: torch.device | None = None) -> Paral
     device = device or default_device()
     mesh = init_device_mesh(device.type, (cfg.pp, dp, cfg.cp, cfg.tp),
                             mesh_dim_names=("pp", "dp", "cp", "tp"))
-    mesh["dp", "cp"]._flatten("dp_cp")  # registered on `mesh`: dims.dp_cp_mesh reads it back
+    # torch asks callers to keep flattened meshes themselves (slicing them from the root mesh
+    # is deprecated); no new groups when cp = 1, where the dp mesh serves.
+    flat = mesh["dp", "cp"]._flatten("dp_cp") if cfg.cp > 1 else None
     ep_lists, edp_lists = expert_groups(cfg.pp, dp, cfg.tp, cfg.ep, cfg.cp)
     ep_group, ep_ranks = _subgroup(ep_lists, rank)
     edp_group, edp_ranks = _subgroup(edp_lists, rank)
@@ -180,7 +183,7 @@ def build_dims(cfg: ParallelConfig, device: torch.device | None = None) -> Paral
         tied, _ = _subgroup(tied_groups(cfg.pp, dp, cfg.tp, cfg.cp), rank)
     edp_mesh = DeviceMesh.from_group(edp_group, device.type, mesh=edp_ranks, mesh_dim_names=("edp",))
     return ParallelDims(cfg.pp, dp, cfg.tp, cfg.ep, rank, device, mesh, ep_group, edp_group,
-                        edp_mesh, tied, ep_ranks, edp_ranks, cp=cfg.cp)
+                        edp_mesh, tied, ep_ranks, edp_ranks, cp=cfg.cp, flat_dp_cp_mesh=flat)
 
 
 def default_device() -> torch.device:
