@@ -334,6 +334,11 @@ class ExperimentConfig:
             raise ConfigError(f"parallel.tp={p.tp}, parallel.pp={p.pp}, parallel.ep={p.ep}, "
                               f"parallel.cp={p.cp}: only data parallelism is implemented for "
                               f"data.kind={self.data.kind!r} (tp, pp, ep and cp need 1)")
+        if p.cp > 1 and self.metrics.routing_trace_every:
+            # The trace is a forward on rank 0 alone; cp attention needs every rank of the group.
+            raise ConfigError(f"metrics.routing_trace_every={self.metrics.routing_trace_every} "
+                              f"is not available with parallel.cp={p.cp} (the routing sample runs "
+                              f"on rank 0 alone); set metrics.routing_trace_every=0")
 
     def _validate_fp8_layout(self) -> None:
         """torchao's float8 linears compose with FSDP2 and DDP here; tensor parallelism would

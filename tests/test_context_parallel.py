@@ -229,6 +229,12 @@ def test_world_size_and_seq_len_are_checked():
                            parallel=ParallelConfig(cp=2))
     with pytest.raises(ConfigError, match=r"parallel\.cp=2 does not divide data\.seq_len=1023"):
         cfg.validate()
+    cfg = ExperimentConfig(model=model_cfg(), data=DataConfig(seq_len=1024),
+                           parallel=ParallelConfig(cp=2))
+    cfg.metrics.routing_trace_every = 10
+    with pytest.raises(ConfigError, match=r"metrics\.routing_trace_every=10 is not available "
+                                          r"with parallel\.cp=2"):
+        cfg.validate()
 
 
 def test_deepspeed_with_cp_is_refused():

@@ -37,7 +37,7 @@ def test_multimodal_refuses_model_parallel_layouts(mm_shards, text_data, tmp_pat
     from mmfm.config import ConfigError
 
     had_group = dist.is_initialized()
-    layouts = {"tp": {}, "ep": {}, "pp": {"parallel.microbatches": 2}}
+    layouts = {"tp": {}, "ep": {}, "cp": {}, "pp": {"parallel.microbatches": 2}}
     for field, extra in layouts.items():  # refused by config validation, before any process group
         with pytest.raises(ConfigError, match=rf"parallel.{field}=2.*only data parallelism is "
                                               "implemented for data.kind='multimodal'"):

@@ -2,10 +2,10 @@
 
 The world is `pp × dp × cp × tp` processes. Expert parallelism does not add processes: the `ep`
 ranks that shard each MoE layer's experts are drawn from the data-parallel ranks (torchtitan's
-dp2ep, Megatron's expert-data-parallel groups), so `ep` must divide `dp`. Context-parallel (`cp`) ranks share their data rows and each holds a
-contiguous 1/cp of every sequence (`mmfm.parallel.context_parallel`). Every rule is checked
-before any compute and a violation raises a `ValueError` naming the fields and their values.
-Plain values only: the process groups live in `mmfm.parallel.mesh.ParallelDims`.
+dp2ep, Megatron's expert-data-parallel groups), so `ep` must divide `dp`. Context-parallel
+(`cp`) ranks share their data rows and each holds a contiguous 1/cp of every sequence
+(`mmfm.parallel.context_parallel`). Every rule is checked before any compute and a violation
+raises a `ValueError` naming the fields and their values. Plain values only: the process groups live in `mmfm.parallel.mesh.ParallelDims`.
 """
 
 from __future__ import annotations
