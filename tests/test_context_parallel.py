@@ -245,3 +245,17 @@ def test_deepspeed_with_cp_is_refused():
     with pytest.raises(UserValueError, match=r"parallel\.cp=2 does not compose with "
                                              r"parallel\.engine=deepspeed"):
         ParallelConfig(cp=2, engine="deepspeed").validate("parallel")
+
+
+def test_memory_estimate_splits_activations_and_shards_over_cp():
+    from pathlib import Path
+
+    from mmfm.config import load_config
+    from mmfm.model.memory import estimate_memory
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "text_moe_tiny.yaml"
+    plain = estimate_memory(load_config(tiny, ["parallel.dp=1", "parallel.engine=fsdp"]))
+    cp2 = estimate_memory(load_config(tiny, ["parallel.dp=1", "parallel.engine=fsdp",
+                                             "parallel.cp=2"]))
+    assert cp2.activations * 2 == plain.activations
+    assert cp2.params * 2 == plain.params and cp2.optimizer * 2 == plain.optimizer
