@@ -310,6 +310,7 @@ class ExperimentConfig:
         self.metrics.validate()
         try:  # the world size is checked again at launch, when it is known
             self.parallel.validate("parallel", self.model, train_cfg=self.train)
+            self.parallel.validate_seq_len(self.data.seq_len)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if self.train.precision == "fp8":
@@ -339,10 +340,15 @@ class ExperimentConfig:
         """The layouts each job supports: a rule spanning `data` and `parallel`, checked here so
         `mmfm launch` refuses what the ranks would refuse, before any process starts."""
         p = self.parallel
-        if self.data.kind != "text" and max(p.tp, p.ep) > 1:
-            raise ConfigError(f"parallel.tp={p.tp}, parallel.ep={p.ep}: only data and pipeline "
-                              f"parallelism are implemented for data.kind={self.data.kind!r} "
-                              f"(tp and ep need 1)")
+        if self.data.kind != "text" and max(p.tp, p.ep, p.cp) > 1:
+            raise ConfigError(f"parallel.tp={p.tp}, parallel.ep={p.ep}, parallel.cp={p.cp}: only "
+                              f"data and pipeline parallelism are implemented for "
+                              f"data.kind={self.data.kind!r} (tp, ep and cp need 1)")
+        if p.cp > 1 and self.metrics.routing_trace_every:
+            # The trace is a forward on rank 0 alone; cp attention needs every rank of the group.
+            raise ConfigError(f"metrics.routing_trace_every={self.metrics.routing_trace_every} "
+                              f"is not available with parallel.cp={p.cp} (the routing sample runs "
+                              f"on rank 0 alone); set metrics.routing_trace_every=0")
 
     def _validate_fp8_layout(self) -> None:
         """torchao's float8 linears compose with FSDP2 and DDP here; tensor parallelism would

@@ -61,6 +61,9 @@ class MoELayer(nn.Module):
         if cfg.shared_expert_gate:
             self.shared_gate = nn.Linear(d_model, 1, bias=False)
         self.load = LoadMonitor(E)
+        # Context parallelism sets the group of ranks holding the other chunks of the same
+        # sequences: the Switch loss then counts expert load over whole sequences.
+        self.cp_group: dist.ProcessGroup | None = None
         self.reset_parameters()
 
     def reset_parameters(self, out_std: float | None = None) -> None:
@@ -147,11 +150,13 @@ class MoELayer(nn.Module):
                              count_for_bias=self.cfg.bias_update_rate > 0)
 
     def _global_counts(self, counts_E: Tensor) -> Tensor:
-        group = getattr(self.dispatcher, "group", None)
-        if group is None:
+        groups = [g for g in (getattr(self.dispatcher, "group", None), self.cp_group)
+                  if g is not None]
+        if not groups:
             return counts_E
         counts_E = counts_E.clone()
-        dist.all_reduce(counts_E, group=group)
+        for group in groups:  # ep and cp groups are orthogonal: the sum covers their product
+            dist.all_reduce(counts_E, group=group)
         return counts_E
 
     def compute_metrics(self, reset: bool = True) -> dict[str, tuple[Tensor, str]]:

@@ -74,7 +74,7 @@ def test_multimodal_refuses_model_parallel_layouts(mm_shards, text_data, tmp_pat
     from mmfm.config import ConfigError
 
     had_group = dist.is_initialized()
-    layouts = {"tp": {}, "ep": {}}
+    layouts = {"tp": {}, "ep": {}, "cp": {}}
     for field, extra in layouts.items():  # refused by config validation, before any process group
         with pytest.raises(ConfigError, match=rf"parallel.{field}=2.*only data and pipeline "
                                               "parallelism are implemented for "

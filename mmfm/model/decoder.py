@@ -84,6 +84,9 @@ class Decoder(nn.Module):
         # weight directly. `mmfm.parallel.parallelize` turns it off where the weight is not a
         # plain local tensor (a tensor-parallel DTensor, a DeepSpeed ZeRO-3 partition).
         self.fused_head = cfg.fused_loss
+        # Context parallelism (`mmfm.parallel.context_parallel`): forward takes full sequences,
+        # keeps this rank's chunk and returns whole-sequence losses; None: no splitting.
+        self.context_parallel = None
         cos, sin = rope_cos_sin(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         # Not persistent: derived from the config, so checkpoints stay portable.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -138,14 +141,22 @@ class Decoder(nn.Module):
         T = input_ids_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise UserValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self._rope_tables(T)
+        cos, sin = self._rope_tables(T)  # whole sequences, also under context parallelism
         mask = _attention_mask(doc_ids_BT, self.cfg.attention)
+        cp = self.context_parallel
+        if cp is not None:  # this rank's chunk of every sequence from here to the loss
+            input_ids_BT, inputs_embeds_BTD, modality_ids_BT, labels_BT = (
+                cp.local(t) for t in (input_ids_BT, inputs_embeds_BTD, modality_ids_BT, labels_BT))
         h_BTD = self.embed(input_ids_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
         aux = h_BTD.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
             h_BTD, block_aux = block(h_BTD, cos, sin, mask, modality_ids_BT)
             aux = aux + block_aux
-        h_BTD = self.norm(h_BTD)
+        out = self._head(self.norm(h_BTD), aux, labels_BT)
+        return out if cp is None else _whole_sequences(cp, out, labels_BT)
+
+    def _head(self, h_BTD: Tensor, aux: Tensor, labels_BT: Tensor | None) -> DecoderOutput:
+        """LM head and, given labels, the loss (fused with the head where it can be)."""
         if labels_BT is not None and self.fused_head:
             loss, token_loss_N = fused_linear_cross_entropy(
                 h_BTD.flatten(0, 1), self.lm_head.weight, labels_BT.flatten())
@@ -168,6 +179,16 @@ class Decoder(nn.Module):
         for block in self.blocks:
             if block.is_moe:
                 yield block.layer_idx, block.ffn
+
+
+def _whole_sequences(cp, out: DecoderOutput, labels_Bt: Tensor | None) -> DecoderOutput:
+    """A context-parallel rank's output as one process's: whole-sequence losses (see
+    `mmfm.parallel.context_parallel`), per-token losses and label-free logits gathered (no
+    gradient); logits of a forward with labels are not kept (the loss is what it is for)."""
+    lm, aux = cp.global_losses(out.lm_loss, labels_Bt, out.aux_loss)
+    if labels_Bt is None:
+        return DecoderOutput(cp.gather(out.logits), aux)
+    return DecoderOutput(None, aux, lm, cp.gather(out.token_loss_BT))
 
 
 def rope_tables(cfg, cos_cache: Tensor, sin_cache: Tensor, T: int) -> tuple[Tensor, Tensor]:

@@ -127,6 +127,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
         self.qk_norm = qk_norm
+        # Context parallelism (`mmfm.parallel.context_parallel`) sets an object that trades
+        # sequence shards for head shards around the attention; None: the whole sequence here.
+        self.context_parallel = None
         self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
         self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
@@ -154,6 +157,9 @@ class Attention(nn.Module):
         documents' `VarlenDocs` (flash_attn)."""
         B, T, _ = x_BTD.shape
         q, k, v = self._project(x_BTD)
+        cp = self.context_parallel
+        if cp is not None:  # now the whole sequence (cos/sin cover it) for 1/cp of the heads
+            q, k, v = cp.to_heads(q, k, v)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_heads != self.n_kv_heads
         if self.backend == "flash_attn":
@@ -162,6 +168,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if cp is not None:
+            out = cp.to_sequence(out)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
     def reset_parameters(self, init_std: float, out_std: float) -> None:

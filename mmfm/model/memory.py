@@ -16,7 +16,7 @@ The estimate per process (bytes):
   not fused. Activation checkpointing keeps one block's activations plus each block's input.
 
 Parameter, gradient and optimizer bytes are divided by the model-sharding degree of the parallel
-layout (tp × pp, and dp when FSDP or ZeRO-3 shards the weights; ZeRO-1/2 shard only the
+layout (tp × pp, and dp × cp when FSDP or ZeRO-3 shards the weights; ZeRO-1/2 shard only the
 optimizer and gradients). It is a lower bound in spirit: allocator slack, temporary buffers and
 the framework itself come on top, so only a size that cannot fit even by this count is refused.
 """
@@ -67,14 +67,18 @@ def estimate_memory(cfg) -> MemoryEstimate:
         params=params,
         grads=counts.total * FP32 // state_shards,
         optimizer=counts.total * ADAMW_STATE_BYTES // state_shards,
-        activations=_activation_bytes(cfg) // (cfg.parallel.tp * cfg.parallel.pp),
+        # Context parallelism splits tokens (and attention heads) over cp ranks.
+        activations=_activation_bytes(cfg) // (cfg.parallel.tp * cfg.parallel.pp
+                                               * cfg.parallel.cp),
     )
 
 
 def _shard_degrees(par) -> tuple[int, int]:
     """(weight sharding, gradient/optimizer sharding) degrees of a parallel layout."""
     model_split = par.tp * par.pp
-    dp = par.dp or 1  # unknown until launch: assume no sharding by dp (the safe side)
+    # dp unknown until launch: assume no sharding by dp (the safe side); cp ranks hold
+    # replicas that FSDP/ZeRO shard like dp ranks.
+    dp = (par.dp or 1) * par.cp
     weights = model_split * (dp if par.stage == 3 else 1)
     states = model_split * (dp if par.stage >= 1 else 1)
     return weights, states

@@ -1,7 +1,7 @@
 """`parallelize(model, dims, cfg)`: one entry point that lays an mmfm Decoder out over processes.
 
 Order (fixed): pipeline split (each rank keeps only its stages' layers) → move to the device →
-fp8 conversion (train.precision=fp8) → tensor parallel → expert parallel → activation
+fp8 conversion (train.precision=fp8) → tensor parallel → context parallel → expert parallel → activation
 checkpointing → compile → sharding (FSDP2 `fully_shard`, or DeepSpeed ZeRO when the optimizer
 is built, since DeepSpeed wraps both).
 
@@ -27,6 +27,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from mmfm.device import PrecisionChoice
 from mmfm.errors import UserValueError
 from mmfm.parallel.config import ParallelConfig
+from mmfm.parallel.context_parallel import apply_context_parallel
 from mmfm.parallel.expert_parallel import apply_expert_parallel
 from mmfm.parallel.grads import GradSpec, all_reduce_grads, clip_grads, sync_tied_grads
 from mmfm.parallel.mesh import ParallelDims
@@ -85,9 +86,10 @@ def fsdp_mp_policy(precision: PrecisionChoice | None, device: torch.device):
 
 def apply_fsdp(part: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
                precision: PrecisionChoice | None = None) -> None:
-    """FSDP2: one unit per block, experts of expert-parallel layers in their own unit on the
-    expert-data-parallel mesh (their gradients divided by dp, not dp/ep), then the root;
-    mixed precision as `fsdp_mp_policy` says."""
+    """FSDP2 over the dp × cp ranks (context-parallel ranks hold the same weights): one unit per
+    block, experts of expert-parallel layers in their own unit on the expert-data-parallel mesh
+    (their gradients divided by dp, not dp/ep), then the root; mixed precision as
+    `fsdp_mp_policy` says."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     reshard = cfg.stage == 3
@@ -104,9 +106,9 @@ def apply_fsdp(part: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
                 experts.set_gradient_divide_factor(float(dims.dp))
                 if dims.device.type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide
                     experts.set_force_sum_reduction_for_comms(True)
-        fully_shard(block, mesh=dims.dp_mesh, reshard_after_forward=reshard,
+        fully_shard(block, mesh=dims.dp_cp_mesh, reshard_after_forward=reshard,
                     ignored_params=ignored, mp_policy=mp)
-    fully_shard(part, mesh=dims.dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(part, mesh=dims.dp_cp_mesh, reshard_after_forward=reshard, mp_policy=mp)
     # Ranks may use different weights in a step (a modality absent from one rank's batch):
     # reduce zeros for unused ones so every rank issues the same collectives.
     part.set_reduce_scatter_unused_params(True)
@@ -212,10 +214,10 @@ class ParallelModel:
         return norm, applied
 
     def update_moe_bias(self) -> None:
-        """Aux-loss-free bias step with loads summed over the data-parallel ranks (tp ranks
-        route the same tokens, so they are not summed)."""
+        """Aux-loss-free bias step with loads summed over the data- and context-parallel ranks
+        (tp ranks route the same tokens, so they are not summed)."""
         for _, layer in self.moe_layers():
-            layer.update_bias(self.dims.dp_group if self.dims.dp > 1 else None)
+            layer.update_bias(self.dims.dp_cp_group if self.dims.dp_cp > 1 else None)
 
 
 def _relink_deepspeed_optimizer_state(engine, force: bool = False) -> None:
@@ -252,15 +254,16 @@ def grad_specs(pm: ParallelModel) -> list[GradSpec]:
         tied_names = {"embed.weight", "lm_head.weight",
                       "decoder.embed.weight", "decoder.lm_head.weight"}  # text, multimodal
     specs = []
+    replicas = dims.dp_cp  # context-parallel ranks hold the same weights as data-parallel ones
     for name, param in pm.named_parameters():
         expert = dims.ep > 1 and ".ffn.experts." in name
-        holders = dims.dp * dims.tp // (dims.ep if expert else 1)
+        holders = replicas * dims.tp // (dims.ep if expert else 1)
         group = None
-        if pm.cfg.engine == "ddp" and dims.dp > 1:
-            group = dims.edp_group if expert else dims.dp_group
+        if pm.cfg.engine == "ddp" and replicas > 1:
+            group = dims.edp_group if expert else dims.dp_cp_group
         elif pm.cfg.engine == "fsdp" and expert and dims.edp == 1:  # left out of FSDP
             group = dims.edp_group
-        specs.append(GradSpec(param, group, dims.dp, holders, name in tied_names))
+        specs.append(GradSpec(param, group, replicas, holders, name in tied_names))
     return specs
 
 
@@ -270,9 +273,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
     run's `precision` (from `mmfm.device.resolve_precision`; None: fp32 weights)."""
     cfg.validate("parallel", decoder_of(model).cfg, world_size=dims.world_size)
     multimodal = decoder_of(model) is not model
-    if multimodal and max(dims.tp, dims.ep) > 1:
+    if multimodal and max(dims.tp, dims.ep, dims.cp) > 1:
         raise UserValueError(
-            "parallel.tp/ep > 1 are implemented for the text decoder; the multimodal model "
+            "parallel.tp/ep/cp > 1 are implemented for the text decoder; the multimodal model "
             "trains data-parallel (parallel.dp with engine ddp, fsdp or deepspeed) and "
             "pipeline-parallel (parallel.pp)")
     if dims.pp > 1 and multimodal:
@@ -291,13 +294,14 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
             apply_fp8(part, dims.device)  # before sharding and compile, as torchao asks
         blocks = blocks_of(part)
         apply_tensor_parallel(blocks, dims.tp_mesh)
+        apply_context_parallel(part, dims.cp_group)  # pp = 1 here: `part` is the Decoder
         choose_head_path(part, cfg)
         apply_expert_parallel(blocks, dims.ep_group)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(part)
         if cfg.compile:
             apply_compile(part)
-        if cfg.engine == "fsdp" and dims.dp > 1:
+        if cfg.engine == "fsdp" and dims.dp_cp > 1:
             apply_fsdp(part, dims, cfg, precision)
     pm = ParallelModel(parts, dims, cfg, precision)
     if dims.pp > 1:
@@ -310,6 +314,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
 def _check_ready(pm: ParallelModel) -> None:
     """Internal invariant: every rank of a data-parallel group holds the same parameter set."""
     count = torch.tensor([sum(1 for _ in pm.named_parameters())])
-    if pm.dims.dp > 1:
-        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=pm.dims.dp_group)
+    if pm.dims.dp_cp > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=pm.dims.dp_cp_group)
     assert count.item() == len(pm.specs)

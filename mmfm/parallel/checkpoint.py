@@ -75,7 +75,7 @@ class LoadedCheckpoint:
 
 def layout_of(pm: ParallelModel) -> dict[str, Any]:
     d = pm.dims
-    return {"pp": d.pp, "dp": d.dp, "tp": d.tp, "ep": d.ep, "engine": pm.cfg.engine,
+    return {"pp": d.pp, "dp": d.dp, "cp": d.cp, "tp": d.tp, "ep": d.ep, "engine": pm.cfg.engine,
             "zero_stage": pm.cfg.stage, "world_size": d.world_size}
 
 

@@ -1,10 +1,11 @@
 """`parallel:` section of the experiment config: the layout of a distributed run.
 
-The world is `pp × dp × tp` processes. Expert parallelism does not add processes: the `ep`
+The world is `pp × dp × cp × tp` processes. Expert parallelism does not add processes: the `ep`
 ranks that shard each MoE layer's experts are drawn from the data-parallel ranks (torchtitan's
-dp2ep, Megatron's expert-data-parallel groups), so `ep` must divide `dp`. Every rule is checked
-before any compute and a violation raises a `ValueError` naming the fields and their values.
-Plain values only: the process groups live in `mmfm.parallel.mesh.ParallelDims`.
+dp2ep, Megatron's expert-data-parallel groups), so `ep` must divide `dp`. Context-parallel
+(`cp`) ranks share their data rows and each holds a contiguous 1/cp of every sequence
+(`mmfm.parallel.context_parallel`). Every rule is checked before any compute and a violation
+raises a `ValueError` naming the fields and their values. Plain values only: the process groups live in `mmfm.parallel.mesh.ParallelDims`.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ DEFAULT_STAGE = {"ddp": 0, "fsdp": 3, "deepspeed": 2}
 class ParallelConfig:
     """How one training run is laid out over processes."""
 
-    dp: int | None = None  # data-parallel replicas; null = world size / (tp × pp)
+    dp: int | None = None  # data-parallel replicas; null = world size / (tp × pp × cp)
     tp: int = 1  # tensor parallel (attention heads and FFN columns)
     pp: int = 1  # pipeline stages
     ep: int = 1  # expert parallel, drawn from the dp ranks (ep divides dp)
+    cp: int = 1  # context parallel: each sequence split over cp ranks (Ulysses all-to-all)
     # ddp: replicated weights, gradients all-reduced (ZeRO-0). fsdp: PyTorch FSDP2 fully_shard
     # (zero_stage 2 keeps weights gathered between forward and backward, 3 re-shards them).
     # deepspeed: DeepSpeed ZeRO stage 0-3 (data and expert parallel only).
@@ -55,15 +57,16 @@ class ParallelConfig:
         return self.pp * self.pp_virtual_stages
 
     def resolved_dp(self, world_size: int) -> int:
-        return self.dp if self.dp is not None else max(1, world_size // (self.tp * self.pp))
+        return self.dp if self.dp is not None else max(
+            1, world_size // (self.tp * self.pp * self.cp))
 
     def world_size(self) -> int | None:
         """Processes this layout needs, when `dp` is given."""
-        return None if self.dp is None else self.dp * self.tp * self.pp
+        return None if self.dp is None else self.dp * self.tp * self.pp * self.cp
 
     def is_trivial(self) -> bool:
         """One process and nothing for `parallelize` to do (the single-process trainer)."""
-        return (self.dp in (None, 1) and self.tp == self.pp == 1
+        return (self.dp in (None, 1) and self.tp == self.pp == self.cp == 1
                 and not (self.activation_checkpointing or self.compile))
 
     def validate(self, path: str = "parallel", model_cfg=None, world_size: int | None = None,
@@ -84,7 +87,7 @@ class ParallelConfig:
                     f" × train.grad_accum={train_cfg.grad_accum})")
 
     def _validate_own(self, path: str) -> None:
-        for name in ("tp", "pp", "ep", "microbatches", "pp_virtual_stages"):
+        for name in ("tp", "pp", "ep", "cp", "microbatches", "pp_virtual_stages"):
             if getattr(self, name) < 1:
                 raise UserValueError(f"{path}.{name}={getattr(self, name)} must be >= 1")
         if self.dp is not None and self.dp < 1:
@@ -103,6 +106,7 @@ class ParallelConfig:
         if self.engine == "deepspeed":
             self._validate_deepspeed(path)
         self._validate_pipeline(path)
+        self._validate_context(path)
         for name in ("timeout_s", "rank_timeout_s"):
             if getattr(self, name) < 0:
                 raise UserValueError(f"{path}.{name}={getattr(self, name)} must be >= 0")
@@ -120,6 +124,30 @@ class ParallelConfig:
                 f"experts ({path}.ep={self.ep}): DeepSpeed ZeRO-3 partitions every weight over "
                 f"all data-parallel ranks; use {path}.engine=fsdp (shards experts over their "
                 f"expert-data-parallel ranks), or {path}.zero_stage<=2, or {path}.ep=1")
+
+    def _validate_context(self, path: str) -> None:
+        """Context parallelism composes with what its parity tests cover (dp with ddp or fsdp,
+        tp, activation checkpointing); the rest is refused before any compute."""
+        if self.cp == 1:
+            return
+        for name, why in (("pp", "pipeline stages pass activations of whole sequences"),
+                          ("ep", "expert gradients would need reducing over ep × cp groups")):
+            if getattr(self, name) > 1:
+                raise UserValueError(f"{path}.cp={self.cp} does not compose with {path}.{name}="
+                                     f"{getattr(self, name)} yet ({why}); use {path}.{name}=1")
+        if self.engine == "deepspeed":
+            raise UserValueError(f"{path}.cp={self.cp} does not compose with {path}.engine="
+                                 f"deepspeed (untested); use {path}.engine=fsdp or ddp")
+        if self.compile:
+            raise UserValueError(f"{path}.cp={self.cp} with {path}.compile=true is untested "
+                                 f"(all-to-all inside compiled blocks); set {path}.compile=false")
+
+    def validate_seq_len(self, seq_len: int, path: str = "parallel",
+                         seq_path: str = "data.seq_len") -> None:
+        """Each context-parallel rank holds an equal contiguous chunk of every sequence."""
+        if seq_len % self.cp:
+            raise UserValueError(f"{path}.cp={self.cp} does not divide {seq_path}={seq_len}: "
+                                 f"each context-parallel rank holds seq_len/cp tokens")
 
     def _validate_pipeline(self, path: str) -> None:
         if self.pp_schedule not in PP_SCHEDULES:
@@ -161,6 +189,8 @@ class ParallelConfig:
                     raise UserValueError(f"{path}.tp={self.tp} does not divide the shared-expert "
                                      f"hidden size {shared} ({m}.moe.num_shared_experts × "
                                      f"{m}.moe.shared_expert_hidden)")
+        if self.cp > 1:
+            self._validate_context_model(path, model_cfg)
         if self.ep > 1:
             if model_cfg.moe is None:
                 raise UserValueError(f"{path}.ep={self.ep} needs an MoE model, but {m}.moe is null")
@@ -168,6 +198,22 @@ class ParallelConfig:
                 raise UserValueError(f"{path}.ep={self.ep} does not divide "
                                  f"{m}.moe.num_experts={model_cfg.moe.num_experts}")
         self._validate_split(path, model_cfg.n_layers)
+
+    def _validate_context_model(self, path: str, model_cfg) -> None:
+        """Ulysses attention gives each cp rank (H/tp)/cp query and (K/tp)/cp key/value heads."""
+        for name in ("n_heads", "n_kv_heads"):
+            heads = getattr(model_cfg, name) // self.tp
+            if heads % self.cp:
+                per_tp = f" / {path}.tp={self.tp}" if self.tp > 1 else ""
+                raise UserValueError(
+                    f"{path}.cp={self.cp} does not divide model.{name}={getattr(model_cfg, name)}"
+                    f"{per_tp}: context parallelism exchanges sequence shards for head shards")
+        moe = model_cfg.moe
+        if moe is not None and moe.seq_aux_loss_coef > 0:
+            raise UserValueError(
+                f"{path}.cp={self.cp} with model.moe.seq_aux_loss_coef={moe.seq_aux_loss_coef}: "
+                f"the sequence-wise balance loss needs whole sequences on one rank; set "
+                f"model.moe.seq_aux_loss_coef=0 (the Switch and z losses work with cp)")
 
     def _validate_split(self, path: str, n_layers: int) -> None:
         stages = self.num_stages
@@ -190,10 +236,11 @@ class ParallelConfig:
 
     def _validate_world(self, path: str, world_size: int) -> None:
         dp = self.resolved_dp(world_size)
-        if dp * self.tp * self.pp != world_size:
+        if dp * self.tp * self.pp * self.cp != world_size:
+            cp = f" × {path}.cp={self.cp}" if self.cp > 1 else ""
             raise UserValueError(
-                f"{path}.dp={dp} × {path}.tp={self.tp} × {path}.pp={self.pp} = "
-                f"{dp * self.tp * self.pp} does not equal the world size {world_size} "
+                f"{path}.dp={dp} × {path}.tp={self.tp} × {path}.pp={self.pp}{cp} = "
+                f"{dp * self.tp * self.pp * self.cp} does not equal the world size {world_size} "
                 f"(processes launched)")
         if dp % self.ep:
             raise UserValueError(f"{path}.ep={self.ep} does not divide {path}.dp={dp}: expert-parallel "

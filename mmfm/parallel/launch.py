@@ -72,7 +72,8 @@ def check_layout(config: str, overrides: list[str], world: int) -> str:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     p = cfg.parallel
-    return (f"world {world} = pp {p.pp} × dp {p.resolved_dp(world)} × tp {p.tp}, ep {p.ep}, "
+    cp = f" × cp {p.cp}" if p.cp > 1 else ""
+    return (f"world {world} = pp {p.pp} × dp {p.resolved_dp(world)}{cp} × tp {p.tp}, ep {p.ep}, "
             f"engine {p.engine} (ZeRO stage {p.stage})")
 
 

@@ -1,9 +1,12 @@
 """Process groups of one layout: `ParallelDims` holds the sizes and this rank's groups/meshes.
 
-Rank layout (row-major, tp fastest): rank = (pp_i · dp + dp_i) · tp + tp_i, and inside the data
-parallel dimension dp_i = edp_i · ep + ep_i. So
+Rank layout (row-major, tp fastest): rank = ((pp_i · dp + dp_i) · cp + cp_i) · tp + tp_i, and
+inside the data parallel dimension dp_i = edp_i · ep + ep_i. So
 
 - a tensor-parallel group is tp consecutive ranks (the fastest links on a node),
+- a context-parallel group is cp ranks tp apart (next fastest: it all-to-alls in every layer),
+  sharing the data rows of one dp rank; the data-parallel reduction of replicated weights runs
+  over the dp × cp ranks (`dp_cp`, as torchtitan's "dp_shard_cp"),
 - an expert-parallel group is ep data-parallel ranks with the same (pp_i, tp_i, edp_i),
 - an expert-data-parallel group is the dp/ep ranks that hold the same experts.
 
@@ -36,17 +39,19 @@ class ParallelDims:
     ep: int
     rank: int
     device: torch.device
-    mesh: DeviceMesh  # ("pp", "dp", "tp")
+    mesh: DeviceMesh  # ("pp", "dp", "cp", "tp")
     ep_group: dist.ProcessGroup
     edp_group: dist.ProcessGroup
     edp_mesh: DeviceMesh
     tied_group: dist.ProcessGroup | None  # first and last pipeline stage (tied embeddings)
     ep_ranks: list[int]
     edp_ranks: list[int]
+    cp: int = 1  # context parallel: ranks sharing a sequence (last: keeps positional use valid)
+    flat_dp_cp_mesh: DeviceMesh | None = None  # ("dp", "cp") flattened, when cp > 1
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.pp * self.dp * self.cp * self.tp
 
     @property
     def edp(self) -> int:
@@ -54,11 +59,15 @@ class ParallelDims:
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.dp * self.tp)
+        return self.rank // (self.dp * self.cp * self.tp)
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp % self.dp
+        return self.rank // (self.cp * self.tp) % self.dp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank // self.tp % self.cp
 
     @property
     def tp_rank(self) -> int:
@@ -71,6 +80,26 @@ class ParallelDims:
     @property
     def tp_mesh(self) -> DeviceMesh:
         return self.mesh["tp"]
+
+    @property
+    def dp_cp(self) -> int:
+        """Ranks holding replicated (non-expert, non-tp-sharded) weights of one pipeline stage
+        and tp rank: the data-parallel and the context-parallel ranks."""
+        return self.dp * self.cp
+
+    @property
+    def dp_cp_mesh(self) -> DeviceMesh:
+        """The dp × cp ranks as one dimension: FSDP shards and gradients average over it
+        (the plain dp mesh when cp = 1, so those layouts are unchanged)."""
+        return self.flat_dp_cp_mesh if self.flat_dp_cp_mesh is not None else self.mesh["dp"]
+
+    @property
+    def dp_cp_group(self) -> dist.ProcessGroup:
+        return self.dp_cp_mesh.get_group()
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("cp")
 
     @property
     def dp_group(self) -> dist.ProcessGroup:
@@ -91,31 +120,38 @@ class ParallelDims:
         return self.rank == 0
 
     def describe(self) -> str:
-        return (f"world {self.world_size} = pp {self.pp} × dp {self.dp} × tp {self.tp}"
+        cp = f" × cp {self.cp}" if self.cp > 1 else ""
+        return (f"world {self.world_size} = pp {self.pp} × dp {self.dp}{cp} × tp {self.tp}"
                 f" (ep {self.ep} within dp)")
 
 
-def rank_of(pp_i: int, dp_i: int, tp_i: int, dp: int, tp: int) -> int:
-    return (pp_i * dp + dp_i) * tp + tp_i
+def rank_of(pp_i: int, dp_i: int, tp_i: int, dp: int, tp: int, cp_i: int = 0, cp: int = 1) -> int:
+    return ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i
 
 
-def expert_groups(pp: int, dp: int, tp: int, ep: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(expert-parallel groups, expert-data-parallel groups) as rank lists, in creation order."""
+def expert_groups(pp: int, dp: int, tp: int, ep: int,
+                  cp: int = 1) -> tuple[list[list[int]], list[list[int]]]:
+    """(expert-parallel groups, expert-data-parallel groups) as rank lists, in creation order
+    (one set per context-parallel rank: cp > 1 runs with ep = 1, so these are then trivial)."""
     ep_groups, edp_groups = [], []
     edp = dp // ep
     for pp_i in range(pp):
-        for tp_i in range(tp):
-            for g in range(edp):
-                ep_groups.append([rank_of(pp_i, g * ep + e, tp_i, dp, tp) for e in range(ep)])
-            for e in range(ep):
-                edp_groups.append([rank_of(pp_i, g * ep + e, tp_i, dp, tp) for g in range(edp)])
+        for cp_i in range(cp):
+            for tp_i in range(tp):
+                def rank(dp_i: int, pp_i=pp_i, tp_i=tp_i, cp_i=cp_i) -> int:
+                    return rank_of(pp_i, dp_i, tp_i, dp, tp, cp_i, cp)
+
+                for g in range(edp):
+                    ep_groups.append([rank(g * ep + e) for e in range(ep)])
+                for e in range(ep):
+                    edp_groups.append([rank(g * ep + e) for g in range(edp)])
     return ep_groups, edp_groups
 
 
-def tied_groups(pp: int, dp: int, tp: int) -> list[list[int]]:
+def tied_groups(pp: int, dp: int, tp: int, cp: int = 1) -> list[list[int]]:
     """Pairs (first stage, last stage) holding the same tied embedding shard."""
-    return [[rank_of(0, d, t, dp, tp), rank_of(pp - 1, d, t, dp, tp)]
-            for d in range(dp) for t in range(tp)]
+    return [[rank_of(0, d, t, dp, tp, c, cp), rank_of(pp - 1, d, t, dp, tp, c, cp)]
+            for d in range(dp) for c in range(cp) for t in range(tp)]
 
 
 def _subgroup(groups: list[list[int]], rank: int) -> tuple[dist.ProcessGroup, list[int]]:
@@ -134,16 +170,20 @@ def build_dims(cfg: ParallelConfig, device: torch.device | None = None) -> Paral
     cfg.validate("parallel", world_size=world)
     dp = cfg.resolved_dp(world)
     device = device or default_device()
-    mesh = init_device_mesh(device.type, (cfg.pp, dp, cfg.tp), mesh_dim_names=("pp", "dp", "tp"))
-    ep_lists, edp_lists = expert_groups(cfg.pp, dp, cfg.tp, cfg.ep)
+    mesh = init_device_mesh(device.type, (cfg.pp, dp, cfg.cp, cfg.tp),
+                            mesh_dim_names=("pp", "dp", "cp", "tp"))
+    # torch asks callers to keep flattened meshes themselves (slicing them from the root mesh
+    # is deprecated); no new groups when cp = 1, where the dp mesh serves.
+    flat = mesh["dp", "cp"]._flatten("dp_cp") if cfg.cp > 1 else None
+    ep_lists, edp_lists = expert_groups(cfg.pp, dp, cfg.tp, cfg.ep, cfg.cp)
     ep_group, ep_ranks = _subgroup(ep_lists, rank)
     edp_group, edp_ranks = _subgroup(edp_lists, rank)
     tied = None
     if cfg.pp > 1:
-        tied, _ = _subgroup(tied_groups(cfg.pp, dp, cfg.tp), rank)
+        tied, _ = _subgroup(tied_groups(cfg.pp, dp, cfg.tp, cfg.cp), rank)
     edp_mesh = DeviceMesh.from_group(edp_group, device.type, mesh=edp_ranks, mesh_dim_names=("edp",))
     return ParallelDims(cfg.pp, dp, cfg.tp, cfg.ep, rank, device, mesh, ep_group, edp_group,
-                        edp_mesh, tied, ep_ranks, edp_ranks)
+                        edp_mesh, tied, ep_ranks, edp_ranks, cp=cfg.cp, flat_dp_cp_mesh=flat)
 
 
 def default_device() -> torch.device:

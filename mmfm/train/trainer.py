@@ -224,8 +224,10 @@ class Trainer:
         else:
             warnings.warn(f"parallel.reshard_loader=true: data order restarts (checkpoint dp="
                           f"{layout.get('dp')}, run dp={self.dims.dp})", stacklevel=2)
-        same_layout = {k: layout.get(k) for k in ("pp", "dp", "tp", "ep")} == \
-            {"pp": self.dims.pp, "dp": self.dims.dp, "tp": self.dims.tp, "ep": self.dims.ep}
+        same_layout = {k: layout.get(k, 1 if k == "cp" else None)  # cp: absent before cp
+                       for k in ("pp", "dp", "tp", "ep", "cp")} == \
+            {"pp": self.dims.pp, "dp": self.dims.dp, "tp": self.dims.tp, "ep": self.dims.ep,
+             "cp": self.dims.cp}
         if same_layout and rng_key in loaded.objects:
             set_rng_state(loaded.objects[rng_key])
         self.step = loaded.step
@@ -436,7 +438,7 @@ class Trainer:
     def _moe_metrics(self) -> dict[str, Any]:
         """Per-layer MoE metrics reduced over the data-parallel ranks (tensor-parallel ranks
         route the same tokens), gathered from every pipeline stage, then model-wide summaries."""
-        group = self.dims.dp_group if self.dims.dp > 1 else None
+        group = self.dims.dp_cp_group if self.dims.dp_cp > 1 else None  # cp: other tokens
         mine = {k: v for k, v in collect_moe_metrics(self.pm, group).items()
                 if k.startswith("moe/layer_")}
         if self.dims.pp > 1:
