@@ -329,10 +329,10 @@ class ExperimentConfig:
         """The layouts each job supports: a rule spanning `data` and `parallel`, checked here so
         `mmfm launch` refuses what the ranks would refuse, before any process starts."""
         p = self.parallel
-        if self.data.kind != "text" and max(p.tp, p.pp, p.ep) > 1:
-            raise ConfigError(f"parallel.tp={p.tp}, parallel.pp={p.pp}, parallel.ep={p.ep}: "
-                              f"only data parallelism is implemented for "
-                              f"data.kind={self.data.kind!r} (tp, pp and ep need 1)")
+        if self.data.kind != "text" and p.pp > 1:
+            raise ConfigError(f"parallel.pp={p.pp}: pipeline parallelism is not implemented for "
+                              f"data.kind={self.data.kind!r} (data, tensor and expert "
+                              f"parallelism are; pp needs 1)")
 
     def _validate_fp8_layout(self) -> None:
         """torchao's float8 linears compose with FSDP2 and DDP here; tensor parallelism would

@@ -48,9 +48,17 @@ def model_cfg(n_layers: int = 2) -> ModelConfig:
 LAYOUTS = {
     "ddp_dp2_moma": (2, dict(engine="ddp"), 2, 2, "modality"),
     "fsdp_dp2_shared": (2, dict(engine="fsdp"), 2, 1, "shared"),
+    # Expert parallel: each modality group's experts split over the 2 ranks (one micro-batch
+    # per rank: the harness pairs an ep group with one reference micro-batch).
+    "fsdp_dp2_ep2_moma": (2, dict(engine="fsdp", ep=2), 2, 1, "modality"),
+    "ddp_dp2_ep2_shared": (2, dict(engine="ddp", ep=2), 2, 1, "shared"),
+    # 4 processes: tensor parallel, and ep × tp × dp composed.
+    "ddp_dp2_tp2_moma": (4, dict(engine="ddp", tp=2), 2, 1, "modality"),
+    "fsdp_dp2_ep2_tp2_moma": (4, dict(engine="fsdp", tp=2, ep=2), 2, 1, "modality"),
 }
 RUN_GROUPS = {
-    "mm2": ["ddp_dp2_moma", "fsdp_dp2_shared"],
+    "mm2": ["ddp_dp2_moma", "fsdp_dp2_shared", "fsdp_dp2_ep2_moma", "ddp_dp2_ep2_shared"],
+    "mm4": ["ddp_dp2_tp2_moma", "fsdp_dp2_ep2_tp2_moma"],
 }
 
 

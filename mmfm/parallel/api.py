@@ -27,7 +27,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from mmfm.device import PrecisionChoice
 from mmfm.errors import UserValueError
 from mmfm.parallel.config import ParallelConfig
-from mmfm.parallel.expert_parallel import apply_expert_parallel
+from mmfm.parallel.expert_parallel import apply_expert_parallel, is_routed_expert, moe_layers_of
 from mmfm.parallel.grads import GradSpec, all_reduce_grads, clip_grads, sync_tied_grads
 from mmfm.parallel.mesh import ParallelDims
 from mmfm.parallel.pipeline import build_schedule, split_stages
@@ -93,19 +93,20 @@ def apply_fsdp(part: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
     reshard = cfg.stage == 3
     mp = fsdp_mp_policy(precision, dims.device) or MixedPrecisionPolicy()
     for block in blocks_of(part).values():
-        ignored = None
+        ignored = set()
         if block.is_moe and dims.ep > 1:
-            experts = block.ffn.experts
-            if dims.edp == 1:  # nothing to shard: mmfm's reducer divides their grads by dp
-                ignored = set(experts.parameters())
-            else:
+            for layer in moe_layers_of(block.ffn):  # each modality group's experts (MoMa)
+                experts = layer.experts
+                if dims.edp == 1:  # nothing to shard: mmfm's reducer divides their grads by dp
+                    ignored |= set(experts.parameters())
+                    continue
                 fully_shard(experts, mesh=dims.edp_mesh, reshard_after_forward=reshard,
                             mp_policy=mp)
                 experts.set_gradient_divide_factor(float(dims.dp))
                 if dims.device.type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide
                     experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=dims.dp_mesh, reshard_after_forward=reshard,
-                    ignored_params=ignored, mp_policy=mp)
+                    ignored_params=ignored or None, mp_policy=mp)
     fully_shard(part, mesh=dims.dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
     # Ranks may use different weights in a step (a modality absent from one rank's batch):
     # reduce zeros for unused ones so every rank issues the same collectives.
@@ -250,7 +251,7 @@ def grad_specs(pm: ParallelModel) -> list[GradSpec]:
         tied_names = {"embed.weight", "lm_head.weight"}
     specs = []
     for name, param in pm.named_parameters():
-        expert = dims.ep > 1 and ".ffn.experts." in name
+        expert = dims.ep > 1 and is_routed_expert(name)
         holders = dims.dp * dims.tp // (dims.ep if expert else 1)
         group = None
         if pm.cfg.engine == "ddp" and dims.dp > 1:
@@ -266,10 +267,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
     """Lay `model` (a Decoder, identical on every rank) out as `cfg` says over `dims`, in the
     run's `precision` (from `mmfm.device.resolve_precision`; None: fp32 weights)."""
     cfg.validate("parallel", decoder_of(model).cfg, world_size=dims.world_size)
-    if decoder_of(model) is not model and max(dims.pp, dims.tp, dims.ep) > 1:
+    if decoder_of(model) is not model and dims.pp > 1:
         raise UserValueError(
-            "parallel.tp/pp/ep > 1 are implemented for the text decoder; the multimodal model "
-            "trains data-parallel (parallel.dp with engine ddp, fsdp or deepspeed)")
+            "parallel.pp > 1 is implemented for the text decoder; the multimodal model trains "
+            "with parallel.dp, tp and ep")
     if dims.pp > 1:
         parts: list[nn.Module] = split_stages(model, cfg, dims.pp_rank)
     else:
