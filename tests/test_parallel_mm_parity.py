@@ -43,7 +43,8 @@ def model_cfg(n_layers: int = 2) -> ModelConfig:
     return ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2,
                        ffn_hidden=64, max_seq_len=SEQ,
                        moe=MoEConfig(num_experts=4, top_k=1, expert_hidden=32,
-                                     bias_update_rate=0.01, z_loss_coef=1e-3))
+                                     bias_update_rate=0.01, z_loss_coef=1e-3,
+                                     num_shared_experts=1))  # split by tp, in every group
 
 
 # name: (world size, parallel config, decoder layers, grad_accum, routing)
