@@ -180,7 +180,8 @@ def assert_weights_close(key: str, got: torch.Tensor, want: torch.Tensor,
     few elements per 10⁴ may differ up to 10× more: AdamW divides each gradient element by
     its RMS + eps (1e-8), so an element whose gradient happens to be ~1e-9 (seen: the image
     patch weights, -2.4e-9 at one element) moves by an amount that the 1e-7 relative rounding
-    of a split matmul decides (measured 1.1e-4 on 3 of 24576 elements). A real bug (a
+    of a split matmul decides (seen: 1.1e-4 on 3 of 24576 elements, with the model before
+    it had shared experts). A real bug (a
     mis-scaled or missing gradient) moves whole tensors, which this still catches."""
     if not adam_outliers:
         torch.testing.assert_close(got, want, rtol=0, atol=WEIGHT_ATOL,
