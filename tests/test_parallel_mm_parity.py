@@ -9,7 +9,11 @@ LM loss, aux loss, per-target-group losses (`train/loss/text|image|audio`), grad
 the final weights, with the tolerances of tests/test_parallel_parity.py (the runs differ only
 in summation order).
 
-Layouts run in groups so one set of processes (one torch import) trains several.
+Layouts: data parallel, expert parallel (each modality group's experts split over the ep
+ranks; shared routing too), tensor parallel (with per-group shared experts split) and ep × tp ×
+dp; plus a checkpoint written under dp2 × ep2 (2 processes) resumed under dp2 × ep2 × tp2 (4).
+Layouts run in groups so one set of processes (one torch import) trains several, and layouts
+with the same single-process reference share one reference run.
 """
 
 from __future__ import annotations
