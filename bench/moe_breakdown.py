@@ -73,8 +73,9 @@ def stage_steps(args) -> dict[str, Callable[[], None]]:
 
     def losses() -> list[torch.Tensor]:
         rr = type(r)(logits, logits.softmax(-1), probs.detach(), r.topk_idx_TK, w_TK)
-        aux, parts = moe._aux_losses(rr, 1)
-        moe._monitor(rr, None, parts, 1, T)
+        totals = moe._routed_totals(rr)
+        aux, parts = moe._aux_losses(rr, 1, totals)
+        moe._monitor(rr, None, parts, 1, T, totals)
         return [aux]
 
     leaves = [x_TD, x_AD, y_AD, w_TK, logits, *moe.parameters(), *dense.parameters()]

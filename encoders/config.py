@@ -130,6 +130,7 @@ class MultimodalConfig:
         _choice(f"{path}.mixture", self.mixture, MIXTURE_MODES)
         if exp is not None:
             self._validate_routing(path, exp.model)
+            self._validate_expert_parallel(path, exp)
 
     def _validate_sources(self, path: str) -> None:
         for name, src in self.sources.items():
@@ -156,6 +157,18 @@ class MultimodalConfig:
             if n < model.moe.top_k:
                 raise UserValueError(f"{path}.modality_experts.{modality}={n} is smaller than "
                                  f"model.moe.top_k={model.moe.top_k}")
+
+
+    def _validate_expert_parallel(self, path: str, exp: Any) -> None:
+        """Expert parallelism shards every modality group over the ep ranks (n_g / ep each)."""
+        ep = exp.parallel.ep
+        if self.moe_routing != "modality" or ep == 1:
+            return
+        for modality, n in self.modality_experts.items():
+            if n % ep:
+                raise UserValueError(
+                    f"parallel.ep={ep} does not divide {path}.modality_experts.{modality}={n}: "
+                    f"each modality group's experts are sharded over the ep ranks")
 
 
 def _positive(path: str, value: float) -> None:

@@ -340,10 +340,10 @@ class ExperimentConfig:
         """The layouts each job supports: a rule spanning `data` and `parallel`, checked here so
         `mmfm launch` refuses what the ranks would refuse, before any process starts."""
         p = self.parallel
-        if self.data.kind != "text" and max(p.tp, p.ep, p.cp) > 1:
-            raise ConfigError(f"parallel.tp={p.tp}, parallel.ep={p.ep}, parallel.cp={p.cp}: only "
-                              f"data and pipeline parallelism are implemented for "
-                              f"data.kind={self.data.kind!r} (tp, ep and cp need 1)")
+        if self.data.kind != "text" and p.cp > 1:
+            raise ConfigError(f"parallel.cp={p.cp}: context parallelism is not implemented for "
+                              f"data.kind={self.data.kind!r} (data, tensor, expert and pipeline "
+                              f"parallelism are; cp needs 1)")
         if p.cp > 1 and self.metrics.routing_trace_every:
             # The trace is a forward on rank 0 alone; cp attention needs every rank of the group.
             raise ConfigError(f"metrics.routing_trace_every={self.metrics.routing_trace_every} "

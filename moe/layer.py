@@ -7,6 +7,8 @@ R rows this rank's experts process.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -28,13 +30,39 @@ _COEFS = {"lb_loss": "aux_loss_coef", "seq_aux_loss": "seq_aux_loss_coef",
           "z_loss": "z_loss_coef"}
 
 
+@dataclass
+class RoutedTotals:
+    """One forward's routing counts: this rank's, and its expert-parallel group's."""
+
+    local_counts_E: Tensor  # assignments per expert routed by this rank
+    counts_E: Tensor  # over the ep group (= local_counts_E without expert parallelism)
+    mean_over: Tensor | None  # tokens a token mean divides by: group tokens / ep (None: local)
+    group_tokens: Tensor | None  # tokens routed by the whole ep group (None: no ep)
+
+    def group_is_empty(self, local_tokens: int) -> bool:
+        """No token at all in the ep group (host sync only when this rank has none)."""
+        if local_tokens > 0:
+            return False
+        return self.group_tokens is None or int(self.group_tokens) == 0
+
+
 class MoELayer(nn.Module):
     """Mixture-of-Experts SwiGLU FFN; `forward` returns (output, coefficient-weighted aux loss).
 
     With `ep_group`, experts are sharded E/P over that process group (this rank holds experts
-    [rank*L, (rank+1)*L)) and tokens travel by all-to-all; the Switch loss then measures expert
-    load over the whole group (counts all-reduced), so the mean of the ranks' aux losses equals
-    the aux loss of one process seeing all their tokens (equal token counts per rank).
+    [rank*L, (rank+1)*L)) and tokens travel by all-to-all. The balance losses are then those of
+    the group's tokens taken together, split over the ranks so that the mean of the ranks' aux
+    losses is exactly the aux loss of one process seeing all their tokens, also when ranks hold
+    different token counts (a modality group's tokens, `mmfm.moe.modality`):
+
+    - Switch loss `E Σ_i f_i P_i`: f (load fractions, no gradient) is counted over the group
+      (counts all-reduced); P_i, the group's mean router probability, is `Σ_r S_r,i / T` with
+      S_r,i the sum over rank r's T_r tokens and T = Σ_r T_r. The trainer averages the ranks'
+      losses (divides by P ranks), so rank r contributes `E Σ_i f_i S_r,i / (T / P)`: its local
+      mean weighted by P·T_r/T. T comes for free from the all-reduced counts (Σ_i c_i = K·T).
+    - z-loss `mean_t lse_t²` likewise: rank r contributes `Σ_{t∈r} lse_t² / (T / P)`.
+
+    A rank (or a whole group) with no token contributes 0 with a zero gradient.
     """
 
     def __init__(self, cfg: MoEConfig, d_model: int, default_expert_hidden: int,
@@ -81,15 +109,21 @@ class MoELayer(nn.Module):
         B, S, D = x.shape
         x_TD = x.reshape(B * S, D)
         r = self.router(x_TD)
+        totals = self._routed_totals(r)
         keep_TK = self._capacity_keep(r)
         x_RD, counts_L, state = self.dispatcher.dispatch(x_TD, r.topk_idx_TK, keep_TK)
         y_RD = self.experts(x_RD, counts_L)
         y_TD = self.dispatcher.combine(y_RD, r.topk_weight_TK, state, B * S)
         if self.shared_experts is not None:
             y_TD = y_TD + self._shared(x_TD)
-        aux, losses = self._aux_losses(r, B)
-        self._monitor(r, keep_TK, losses, B, S)
+        aux, losses = self._aux_losses(r, B, totals)
+        self._monitor(r, keep_TK, losses, B, S, totals)
         return y_TD.view(B, S, D), aux
+
+    @property
+    def expert_parallel(self) -> bool:
+        """Whether experts are sharded over an expert-parallel group (all-to-all dispatch)."""
+        return getattr(self.dispatcher, "group", None) is not None
 
     def _shared(self, x_TD: Tensor) -> Tensor:
         """Shared-expert output, times Qwen2-MoE's sigmoid gate (T, 1) when configured."""
@@ -106,22 +140,25 @@ class MoELayer(nn.Module):
         return capacity_keep_mask(r.topk_idx_TK, r.topk_weight_TK, cap, self.cfg.num_experts,
                                   self.cfg.drop_policy)
 
-    def _loss_fns(self, r: RouterOutput, batch_size: int) -> dict:
-        """Raw (coefficient 1) balance losses, as thunks so unused ones cost nothing."""
+    def _loss_fns(self, r: RouterOutput, batch_size: int, totals: RoutedTotals) -> dict:
+        """Raw (coefficient 1) balance losses, as thunks so unused ones cost nothing. Under
+        expert parallelism token means divide by the ep group's tokens / ep (class docstring);
+        the sequence-level loss stays per rank (each rank's sequences are whole)."""
         E = self.cfg.num_experts
         return {
             "lb_loss": lambda: switch_load_balancing_loss(
-                r.probs_TE, r.topk_idx_TK, E,
-                counts_E=self._global_counts(tokens_per_expert(r.topk_idx_TK, E))),
+                r.probs_TE, r.topk_idx_TK, E, counts_E=totals.counts_E,
+                mean_over=totals.mean_over),
             "seq_aux_loss": lambda: sequence_balance_loss(r.probs_TE, r.topk_idx_TK, batch_size),
-            "z_loss": lambda: router_z_loss(r.logits_TE),
+            "z_loss": lambda: router_z_loss(r.logits_TE, mean_over=totals.mean_over),
         }
 
-    def _aux_losses(self, r: RouterOutput, batch_size: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _aux_losses(self, r: RouterOutput, batch_size: int,
+                    totals: RoutedTotals) -> tuple[Tensor, dict[str, Tensor]]:
         """(sum of coefficient-weighted losses, {name: raw loss} of those with coefficient > 0)."""
         aux = r.logits_TE.new_zeros(())
         losses: dict[str, Tensor] = {}
-        for name, fn in self._loss_fns(r, batch_size).items():
+        for name, fn in self._loss_fns(r, batch_size, totals).items():
             coef = getattr(self.cfg, _COEFS[name])
             if coef > 0:
                 losses[name] = fn()
@@ -132,32 +169,42 @@ class MoELayer(nn.Module):
     @torch.compiler.disable
     @torch.no_grad()
     def _monitor(self, r: RouterOutput, keep_TK: Tensor | None, losses: dict[str, Tensor],
-                 B: int, S: int) -> None:
+                 B: int, S: int, totals: RoutedTotals) -> None:
         """Count load (training, outside backward).
 
-        Skipped inside backward so activation-checkpoint recomputation never counts twice.
-        Losses whose coefficient is 0 are computed here, without autograd, for the metrics.
+        Skipped inside backward so activation-checkpoint recomputation never counts twice, and
+        when the whole ep group routed no token (an absent modality: a single process would not
+        have run the group). Losses whose coefficient is 0 are computed here, without autograd,
+        for the metrics.
         """
-        if in_backward():
+        if in_backward() or not self.training or totals.group_is_empty(B * S):
             return
-        if self.training:
-            for name, fn in self._loss_fns(r, B).items():
-                if name not in losses:
-                    losses[name] = fn()
-            dropped = 0 if keep_TK is None else (~keep_TK).sum()
-            counts_E = tokens_per_expert(r.topk_idx_TK, self.cfg.num_experts)
-            self.load.update(counts_E, r.probs_TE, dropped, losses,
-                             count_for_bias=self.cfg.bias_update_rate > 0)
+        for name, fn in self._loss_fns(r, B, totals).items():
+            if name not in losses:
+                losses[name] = fn()
+        dropped = 0 if keep_TK is None else (~keep_TK).sum()
+        self.load.update(totals.local_counts_E, r.probs_TE, dropped, losses,
+                         count_for_bias=self.cfg.bias_update_rate > 0)
 
-    def _global_counts(self, counts_E: Tensor) -> Tensor:
+    def _routed_totals(self, r: RouterOutput) -> RoutedTotals:
+        """Expert counts of this forward; under expert parallelism also over the ep group, and
+        under context parallelism over the cp group (the ranks holding chunks of the same
+        sequences): one all-reduce of E counts per group, entered by every rank even with no
+        token. The groups are orthogonal (cp with ep is refused today), so the sums cover
+        their product."""
+        local_E = tokens_per_expert(r.topk_idx_TK, self.cfg.num_experts)
         groups = [g for g in (getattr(self.dispatcher, "group", None), self.cp_group)
                   if g is not None]
         if not groups:
-            return counts_E
-        counts_E = counts_E.clone()
-        for group in groups:  # ep and cp groups are orthogonal: the sum covers their product
+            return RoutedTotals(local_E, local_E, None, None)
+        counts_E = local_E.clone()
+        ranks = 1
+        for group in groups:
             dist.all_reduce(counts_E, group=group)
-        return counts_E
+            ranks *= dist.get_world_size(group)
+        group_tokens = counts_E.sum() // self.cfg.top_k  # every token makes K assignments
+        mean_over = group_tokens.float() / ranks
+        return RoutedTotals(local_E, counts_E, mean_over, group_tokens)
 
     def compute_metrics(self, reset: bool = True) -> dict[str, tuple[Tensor, str]]:
         """name -> (value, reduce_op) accumulated in training since the last reset."""

@@ -24,27 +24,45 @@ def tokens_per_expert(topk_idx_TK: Tensor, num_experts: int) -> Tensor:
     return torch.bincount(topk_idx_TK.flatten(), minlength=num_experts)
 
 
+def token_mean(values_T: Tensor, mean_over: Tensor | float | None = None) -> Tensor:
+    """Sum over dim 0 divided by `mean_over` (default: the number of rows). Zero rows give 0
+    with a zero gradient, never NaN. Expert parallelism passes the ep group's tokens / ep, so
+    that the mean of the ranks' results is the mean over all the group's tokens even when the
+    ranks hold different token counts (see `mmfm.moe.layer.MoELayer`)."""
+    if mean_over is None:
+        mean_over = values_T.shape[0]
+    if torch.is_tensor(mean_over):
+        mean_over = mean_over.to(values_T.device, torch.float32)
+        mean_over = torch.where(mean_over > 0, mean_over, torch.ones_like(mean_over))
+    else:
+        mean_over = float(mean_over) if mean_over > 0 else 1.0
+    return values_T.sum(dim=0) / mean_over
+
+
 def switch_load_balancing_loss(
     probs_TE: Tensor, topk_idx_TK: Tensor, num_experts: int, coef: float = 1.0,
-    counts_E: Tensor | None = None,
+    counts_E: Tensor | None = None, mean_over: Tensor | float | None = None,
 ) -> Tensor:
     """Switch Transformer loss `coef * E * sum_i f_i * P_i`.
 
     f_i = count_i / (T * K) is the fraction of assignments routed to expert i (no gradient);
     P_i = mean over tokens of `probs_TE[:, i]` (router probabilities over all E experts).
     `counts_E` overrides the counts (e.g. all-reduced over an expert-parallel group so that f is
-    measured over the global batch); its total then defines the normalization.
+    measured over the global batch); its total then defines the normalization. `mean_over`
+    overrides the token count P divides by (`token_mean`). No tokens: 0.
     """
     if counts_E is None:
         counts_E = tokens_per_expert(topk_idx_TK, num_experts)
     f_E = counts_E.float() / counts_E.sum().clamp(min=1).float()
-    P_E = probs_TE.float().mean(dim=0)
+    P_E = token_mean(probs_TE.float(), mean_over)
     return coef * num_experts * torch.sum(f_E * P_E)
 
 
-def router_z_loss(logits_TE: Tensor, coef: float = 1.0) -> Tensor:
-    """ST-MoE router z-loss `coef * mean_t logsumexp(logits_t)^2` (keeps logits small)."""
-    return coef * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+def router_z_loss(logits_TE: Tensor, coef: float = 1.0,
+                  mean_over: Tensor | float | None = None) -> Tensor:
+    """ST-MoE router z-loss `coef * mean_t logsumexp(logits_t)^2` (keeps logits small);
+    `mean_over` as in `token_mean`. No tokens: 0."""
+    return coef * token_mean(torch.logsumexp(logits_TE.float(), dim=-1).square(), mean_over)
 
 
 def sequence_balance_loss(
@@ -58,6 +76,8 @@ def sequence_balance_loss(
     """
     T, E = probs_TE.shape
     K = topk_idx_TK.shape[1]
+    if T == 0:  # an expert group with no token of its modality here
+        return probs_TE.float().sum() * 0.0
     S = T // batch_size
     probs_BSE = probs_TE.float().view(batch_size, S, E)
     probs_BSE = probs_BSE / probs_BSE.sum(dim=-1, keepdim=True).clamp(min=1e-20)

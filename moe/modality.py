@@ -65,8 +65,11 @@ class ModalityExperts(nn.Module):
         aux = x_BSD.new_zeros((), dtype=torch.float32)
         for g, layer in enumerate(self.groups.values()):
             idx = (group_T == g).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue  # no token of this modality in the batch: the group sits out
+            if idx.numel() == 0 and not layer.expert_parallel:
+                # No token of this modality: the group sits out. Under expert parallelism it
+                # cannot: the other ranks of its ep group may hold such tokens, and every rank
+                # must enter the group's collectives (it routes 0 tokens, adds 0 loss).
+                continue
             y_1ND, group_aux = layer(x_TD.index_select(0, idx)[None])
             y_TD = y_TD.index_copy(0, idx, y_1ND[0].to(y_TD.dtype))
             aux = aux + group_aux
@@ -127,12 +130,11 @@ class ModalityTrackedMoELayer(MoELayer):
 
     def compute_metrics(self, reset: bool = True) -> dict[str, tuple[Tensor, str]]:
         """MoELayer's metrics plus `<modality>/tokens_per_expert` and `<modality>/load_imbalance`
-        for each modality that was routed since the last reset."""
+        for every modality (zeros for one not routed since the last reset): every rank returns
+        the same names, since distributed runs reduce them name by name over the ranks."""
         out = super().compute_metrics(reset=reset)
         for m, name in enumerate(MODALITIES):
             counts_E = self.modality_tokens_ME[m]
-            if int(counts_E.sum()) == 0:
-                continue
             out[f"{name}/tokens_per_expert"] = (counts_E.clone(), "sum")
             out[f"{name}/load_imbalance"] = (load_stats(counts_E)["load_imbalance"], "max")
         if reset:

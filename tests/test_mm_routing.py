@@ -128,7 +128,7 @@ def test_validation_batches_name_their_shard_set(mm_shards, text_data, tmp_path)
 
 
 def _tiny_preset(mm_shards, text_data, tmp_path) -> Path:  # noqa: F811
-    """configs/mm_moe_tiny.yaml (MoMa 6 text + 3 image + 3 audio experts, top-2, 4 layers)
+    """configs/mm_moe_tiny.yaml (MoMa 8 text + 4 image + 4 audio experts, top-2, 4 layers)
     with the fixture's shard sets and tokenizer in place of the demo's."""
     preset = yaml.safe_load((ROOT / "configs" / "mm_moe_tiny.yaml").read_text())
     preset["multimodal"]["sources"] = {
@@ -158,8 +158,8 @@ def test_tiny_multimodal_preset_is_analysed_and_reported(mm_shards, text_data, t
     val = [r for r in rows if "val/loss" in r][-1]
     assert {"val/loss/photos", "val/loss/speech"} <= set(val)  # per shard set
     sample = load_records(records_path(run, TRAIN_SAMPLES, 4))  # the trainer's routing samples
-    assert sample.expert_groups == {"text": (0, 6), "image": (6, 3), "audio": (9, 3)}
-    assert sample.sources == ["photos", "speech"] and sample.num_experts == 12
+    assert sample.expert_groups == {"text": (0, 8), "image": (8, 4), "audio": (12, 4)}
+    assert sample.sources == ["photos", "speech"] and sample.num_experts == 16
 
     parser = argparse.ArgumentParser(prog="mmfm")
     register(parser.add_subparsers(dest="command", required=True))
@@ -170,24 +170,24 @@ def test_tiny_multimodal_preset_is_analysed_and_reported(mm_shards, text_data, t
     headlines = capsys.readouterr().out
     assert "worst MaxVio per expert group text" in headlines
     assert "source specialization score within the text experts" in headlines
-    assert "(random text 0.33, image 0.67, audio 0.67)" in headlines
+    assert "(random text 0.25, image 0.50, audio 0.50)" in headlines
 
     numbers = json.loads((run / "reports" / "routing.json").read_text())
     assert numbers["records"] == "heldout" and numbers["record_steps"] == [2, 4]
     assert numbers["moe_layers"] == [0, 1, 2, 3]
     load = numbers["heldout_load"]
-    assert load["expert_groups"] == {"text": [0, 6], "image": [6, 3], "audio": [9, 3]}
-    assert len(load["counts"][0]) == 12 and set(load["maxvio_by_group"][0]) == {
+    assert load["expert_groups"] == {"text": [0, 8], "image": [8, 4], "audio": [12, 4]}
+    assert len(load["counts"][0]) == 16 and set(load["maxvio_by_group"][0]) == {
         "text", "image", "audio"}
     assert {d.get("group") for d in load["dead"] + load["hot"]} <= {"text", "image", "audio"}
     by_modality = numbers["specialization_by_modality"]
     assert by_modality["groups"] == ["text", "image", "audio"]
     assert len(by_modality["score"]) == 4 and np.allclose(by_modality["score"], 1.0)
-    assert by_modality["uniform_by_group"] == {"text": 2 / 6, "image": 2 / 3, "audio": 2 / 3}
+    assert by_modality["uniform_by_group"] == {"text": 2 / 8, "image": 2 / 4, "audio": 2 / 4}
     by_source = numbers["specialization_by_source"]
     assert by_source["groups"] == ["photos", "speech"] and len(by_source["score"]) == 4
     assert set(numbers["specialization_by_source_within_group"]) == {"text", "image", "audio"}
-    assert len(numbers["coactivation"][0]) == 12
+    assert len(numbers["coactivation"][0]) == 16
     assert set(numbers["consecutive"]["baseline_by_group"]) == {"text", "image", "audio"}
     assert {p["source"] for p in numbers["token_view"]["passages"]} == {"photos", "speech"}
     assert set(numbers["load_over_training"]) >= {"layer_00/text", "layer_00/image",

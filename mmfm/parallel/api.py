@@ -28,7 +28,7 @@ from mmfm.device import PrecisionChoice
 from mmfm.errors import UserValueError
 from mmfm.parallel.config import ParallelConfig
 from mmfm.parallel.context_parallel import apply_context_parallel
-from mmfm.parallel.expert_parallel import apply_expert_parallel
+from mmfm.parallel.expert_parallel import apply_expert_parallel, is_routed_expert, moe_layers_of
 from mmfm.parallel.grads import GradSpec, all_reduce_grads, clip_grads, sync_tied_grads
 from mmfm.parallel.mesh import ParallelDims
 from mmfm.parallel.pipeline import build_schedule, split_stages
@@ -95,19 +95,20 @@ def apply_fsdp(part: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
     reshard = cfg.stage == 3
     mp = fsdp_mp_policy(precision, dims.device) or MixedPrecisionPolicy()
     for block in blocks_of(part).values():
-        ignored = None
+        ignored = set()
         if block.is_moe and dims.ep > 1:
-            experts = block.ffn.experts
-            if dims.edp == 1:  # nothing to shard: mmfm's reducer divides their grads by dp
-                ignored = set(experts.parameters())
-            else:
+            for layer in moe_layers_of(block.ffn):  # each modality group's experts (MoMa)
+                experts = layer.experts
+                if dims.edp == 1:  # nothing to shard: mmfm's reducer divides their grads by dp
+                    ignored |= set(experts.parameters())
+                    continue
                 fully_shard(experts, mesh=dims.edp_mesh, reshard_after_forward=reshard,
                             mp_policy=mp)
                 experts.set_gradient_divide_factor(float(dims.dp))
                 if dims.device.type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide
                     experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=dims.dp_cp_mesh, reshard_after_forward=reshard,
-                    ignored_params=ignored, mp_policy=mp)
+                    ignored_params=ignored or None, mp_policy=mp)
     fully_shard(part, mesh=dims.dp_cp_mesh, reshard_after_forward=reshard, mp_policy=mp)
     # Ranks may use different weights in a step (a modality absent from one rank's batch):
     # reduce zeros for unused ones so every rank issues the same collectives.
@@ -256,7 +257,7 @@ def grad_specs(pm: ParallelModel) -> list[GradSpec]:
     specs = []
     replicas = dims.dp_cp  # context-parallel ranks hold the same weights as data-parallel ones
     for name, param in pm.named_parameters():
-        expert = dims.ep > 1 and ".ffn.experts." in name
+        expert = dims.ep > 1 and is_routed_expert(name)
         holders = replicas * dims.tp // (dims.ep if expert else 1)
         group = None
         if pm.cfg.engine == "ddp" and replicas > 1:
@@ -273,11 +274,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
     run's `precision` (from `mmfm.device.resolve_precision`; None: fp32 weights)."""
     cfg.validate("parallel", decoder_of(model).cfg, world_size=dims.world_size)
     multimodal = decoder_of(model) is not model
-    if multimodal and max(dims.tp, dims.ep, dims.cp) > 1:
+    if multimodal and dims.cp > 1:
         raise UserValueError(
-            "parallel.tp/ep/cp > 1 are implemented for the text decoder; the multimodal model "
-            "trains data-parallel (parallel.dp with engine ddp, fsdp or deepspeed) and "
-            "pipeline-parallel (parallel.pp)")
+            "parallel.cp > 1 is implemented for the text decoder; the multimodal model trains "
+            "with parallel.dp, tp, ep and pp")
     if dims.pp > 1 and multimodal:
         from mmfm.parallel.mm_pipeline import split_multimodal_stages
 

@@ -13,8 +13,8 @@ depend on the layout:
 - DeepSpeed ZeRO weights and optimizer moments are gathered to full tensors (DeepSpeed's
   `safe_get_full_*` helpers; memory: one full tensor at a time per rank) and loaded back with
   `safe_set_full_*`;
-- expert-parallel experts are saved one expert per key (`...experts.w1#5`), so any ep reads
-  exactly the experts it holds;
+- expert-parallel experts are saved one expert per key (`...experts.w1#5`; a modality group's
+  `...ffn.groups.image.experts.w1#1`), so any ep reads exactly the experts it holds;
 - plain replicated tensors are written once (DCP deduplicates equal keys).
 
 Optimizer state is AdamW's `exp_avg`, `exp_avg_sq` and `step` per weight; the LR schedule
@@ -44,6 +44,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mmfm.parallel.api import ParallelModel
+from mmfm.parallel.expert_parallel import is_routed_expert
 from mmfm.parallel.state import unshard
 from mmfm.train.checkpoint import (
     META_FILE,
@@ -116,7 +117,7 @@ class _Entry:
 
     def __init__(self, pm: ParallelModel, name: str, param: Tensor, optimizer) -> None:
         self.pm, self.name, self.param, self.optimizer = pm, name, param, optimizer
-        self.expert = ".ffn.experts." in name  # saved one expert per key, whatever the ep
+        self.expert = is_routed_expert(name)  # saved one expert per key, whatever the ep
         self.deepspeed = pm.engine is not None
 
     def _value(self, key: str | None) -> Tensor:

@@ -6,9 +6,16 @@ runs its own experts on everything routed to them. Gradients of the local expert
 already sum the contributions of the whole ep group; they are averaged over the
 expert-data-parallel group (the dp/ep ranks holding the same experts) with divisor dp, the
 same scale as every other gradient (see `mmfm.parallel.grads`).
+
+Modality expert groups (MoMa, `mmfm.moe.modality.ModalityExperts`) are MoE layers of their
+own: each group's experts are sharded over the same ep group (every rank holds n_g/ep experts
+of every group, so each group's compute is spread evenly), tokens stay within their modality's
+group, and every rank enters every group's all-to-all, also with no token of that modality.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.distributed as dist
@@ -41,13 +48,32 @@ def shard_experts(layer: MoELayer, ep_group: dist.ProcessGroup) -> None:
     layer.experts, layer.dispatcher, layer.ep_group = local, dispatcher, ep_group
 
 
+# Routed-expert weights of a block: `blocks.3.ffn.experts.w1`, or a modality group's
+# `blocks.3.ffn.groups.image.experts.w1` (any wrapper prefixes stripped first).
+_ROUTED_EXPERT = re.compile(r"\.ffn\.(groups\.[^.]+\.)?experts\.")
+
+
+def is_routed_expert(name: str) -> bool:
+    """Whether a (canonical) parameter name is a routed-expert stack, the tensors expert
+    parallelism shards on dim 0 and checkpoints save one expert per key."""
+    return _ROUTED_EXPERT.search(name) is not None
+
+
+def moe_layers_of(ffn: nn.Module) -> list[MoELayer]:
+    """The MoE layers inside a block's FFN: itself, or each modality group (MoMa)."""
+    groups = getattr(ffn, "groups", None)
+    return list(groups.values()) if isinstance(groups, nn.ModuleDict) else [ffn]
+
+
 def apply_expert_parallel(blocks: dict[str, nn.Module], ep_group: dist.ProcessGroup) -> None:
-    """Shard the experts of every MoE block (a no-op for a 1-rank group)."""
+    """Shard the experts of every MoE block, each modality group separately (a no-op for a
+    1-rank group)."""
     if dist.get_world_size(ep_group) == 1:
         return
     for block in blocks.values():
         if block.is_moe:
-            shard_experts(block.ffn, ep_group)
+            for layer in moe_layers_of(block.ffn):
+                shard_experts(layer, ep_group)
 
 
 def is_expert_sharded(param: torch.Tensor) -> bool:

@@ -15,10 +15,11 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from mmfm.parallel.api import ParallelModel
+from mmfm.parallel.expert_parallel import is_routed_expert
 
 
 def is_expert(pm: ParallelModel, name: str) -> bool:
-    return pm.dims.ep > 1 and ".ffn.experts." in name
+    return pm.dims.ep > 1 and is_routed_expert(name)
 
 
 def unshard(pm: ParallelModel, param: Tensor, optim_key: str | None = None) -> Tensor:

@@ -7,7 +7,10 @@ per block with an MoE FFN, whose routed experts are not split). The Attention mo
 local head count from the projection width.
 
 Replicated across the tp ranks: embeddings, norms, LM head, router and the routed experts (which
-are sharded by expert parallelism instead). Shared experts are split like the dense FFN.
+are sharded by expert parallelism instead). Shared experts are split like the dense FFN, those
+of every modality group of a MoMa FFN too. The multimodal model's encoders and projectors are
+replicated (small next to the decoder): every tp rank encodes the same media, so their
+gradients agree and count once per tp group in the gradient norm (`GradSpec.holders`).
 Sequence parallelism (norms on sequence shards) is not applied: see docs/distributed.md.
 """
 
@@ -38,15 +41,26 @@ def block_plan(block: nn.Module) -> dict:
             "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
             "attn.wv": ColwiseParallel(), "attn.wo": RowwiseParallel()}
     if block.is_moe:
-        if block.ffn.shared_experts is not None:
-            plan.update({"ffn.shared_experts": _replicated_input(1),
-                         "ffn.shared_experts.w1": ColwiseParallel(),
-                         "ffn.shared_experts.w3": ColwiseParallel(),
-                         "ffn.shared_experts.w2": RowwiseParallel()})
+        for prefix, layer in _moe_layers(block.ffn):
+            if layer.shared_experts is not None:
+                shared = f"{prefix}.shared_experts"
+                plan.update({shared: _replicated_input(1),
+                             f"{shared}.w1": ColwiseParallel(),
+                             f"{shared}.w3": ColwiseParallel(),
+                             f"{shared}.w2": RowwiseParallel()})
     else:
         plan.update({"ffn": _replicated_input(1), "ffn.w1": ColwiseParallel(),
                      "ffn.w3": ColwiseParallel(), "ffn.w2": RowwiseParallel()})
     return plan
+
+
+def _moe_layers(ffn: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(FQN relative to the block, MoE layer): the FFN itself, or each modality group of a
+    MoMa FFN (`ffn.groups.<modality>`), whose shared experts are split like the dense FFN."""
+    groups = getattr(ffn, "groups", None)
+    if isinstance(groups, nn.ModuleDict):
+        return [(f"ffn.groups.{name}", layer) for name, layer in groups.items()]
+    return [("ffn", ffn)]
 
 
 def apply_tensor_parallel(blocks: dict[str, nn.Module], tp_mesh: DeviceMesh) -> None:
