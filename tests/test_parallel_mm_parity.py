@@ -11,7 +11,8 @@ in summation order).
 
 Layouts: data parallel, expert parallel (each modality group's experts split over the ep
 ranks; shared routing too), tensor parallel (with per-group shared experts split), ep × tp ×
-dp, and pipeline parallel (encoders, projectors and fusion on stage 0); plus a checkpoint
+dp, and pipeline parallel (encoders, projectors and fusion on stage 0), alone and composed
+with dp, ep and tp; plus a checkpoint
 written under dp2 × ep2 (2 processes) resumed under dp2 × ep2 × tp2 (4), and a pp2 checkpoint
 loaded and resumed on one process. Layouts run in groups so one set of processes (one torch
 import) trains several, and layouts with the same single-process reference share one
@@ -76,12 +77,18 @@ LAYOUTS = {
                                           activation_checkpointing=True), 4, 1, "shared"),
     "pp2_dp2_1f1b_fsdp_moma": (4, dict(engine="fsdp", pp=2, microbatches=2, pp_schedule="1f1b"),
                                2, 1, "modality"),
+    # Pipeline composed with expert parallelism (micro-batch j of both ep ranks is one aux
+    # domain) and with tensor parallelism.
+    "pp2_dp2_ep2_gpipe_fsdp_moma": (4, dict(engine="fsdp", pp=2, ep=2, microbatches=2,
+                                            pp_schedule="gpipe"), 2, 1, "modality"),
+    "pp2_tp2_1f1b_moma": (4, dict(engine="ddp", pp=2, tp=2, microbatches=2, pp_schedule="1f1b"),
+                          2, 2, "modality"),
 }
 RUN_GROUPS = {
     "mm2": ["ddp_dp2_moma", "fsdp_dp2_shared", "fsdp_dp2_ep2_moma", "ddp_dp2_ep2_shared"],
     "mm4": ["ddp_dp2_tp2_moma", "fsdp_dp2_ep2_tp2_moma"],
     "mm_pp2": ["pp2_gpipe_moma", "pp2_interleaved_ac_shared"],
-    "mm_pp4": ["pp2_dp2_1f1b_fsdp_moma"],
+    "mm_pp4": ["pp2_dp2_1f1b_fsdp_moma", "pp2_dp2_ep2_gpipe_fsdp_moma", "pp2_tp2_1f1b_moma"],
 }
 # Cross-layout resume: the checkpoint SAVE writes after step 2 (2 processes, experts of each
 # modality group split over 2 ranks) is continued for step 3 by RESUME (4 processes, the same
@@ -131,7 +138,8 @@ def run_layout(name: str, data, reference: bool = False, **kwargs):
 def reference_key(name: str) -> tuple:
     """What a layout's single-process reference depends on (layouts sharing it share one run)."""
     world, _, layers, _, routing = LAYOUTS[name]
-    return (aux_domains_per_step(pcfg_of(name), train_cfg(name), world), routing, layers,
+    pcfg = pcfg_of(name)
+    return (aux_domains_per_step(pcfg, train_cfg(name), world), pcfg.ep, routing, layers,
             is_pipeline(name))
 
 

@@ -18,9 +18,10 @@ parts, and a layout's objective (mean over ranks and micro-batches) equals one p
 
 Reference: the same `Trainer`, one process, `train.grad_accum` = the layout's number of aux
 domains (see `mmfm.parallel.runner`): data-parallel rank r's micro-batch j holds the same
-rows as the reference's micro-batch (r·chunks + j), and with expert parallelism an ep group's
-ranks form one domain, matched by one reference micro-batch over their rows (one chunk per
-rank keeps those rows contiguous). So the single-process run optimizes the same objective
+rows as the reference's micro-batch (r·chunks + j), and with expert parallelism micro-batch j
+of an ep group's ranks forms one domain, matched by one reference micro-batch over their rows
+(the reference reads each step's rows reordered so every domain is contiguous:
+`domain_order`). So the single-process run optimizes the same objective
 on the same tokens, and only the layout differs.
 """
 
@@ -213,13 +214,30 @@ class FixedMMTask:
 
 def aux_domains_per_step(pcfg: ParallelConfig, tcfg, world_size: int) -> int:
     """Micro-batches the single-process reference cuts each global batch into: one per aux
-    domain of the layout (a data rank's micro-batch, or an ep group's)."""
+    domain of the layout (a data rank's micro-batch, or micro-batch j of an ep group's ranks)."""
     dp = pcfg.resolved_dp(world_size)
-    chunks = pcfg.microbatches if pcfg.pp > 1 else tcfg.grad_accum
-    if pcfg.ep > 1 and chunks > 1:
-        raise ValueError("the harness pairs an ep group's ranks with one reference micro-batch "
-                         "only with one chunk per rank")
-    return dp // pcfg.ep * chunks
+    return dp // pcfg.ep * layout_chunks(pcfg, tcfg)
+
+
+def layout_chunks(pcfg: ParallelConfig, tcfg) -> int:
+    """Micro-batches per data rank and step (the pipeline's, or gradient accumulation's)."""
+    return pcfg.microbatches if pcfg.pp > 1 else tcfg.grad_accum
+
+
+def domain_order(rows: int, dp: int, ep: int, chunks: int) -> list[int]:
+    """Row order that makes each aux domain contiguous: for each ep group g and micro-batch j,
+    chunk j of each of the group's data ranks in turn. Without expert parallelism (ep = 1) it
+    is the identity: a domain is one rank's chunk, already contiguous. Reordering the rows of
+    a step does not change the objective: every row has the same number of targets."""
+    per_rank = rows // dp
+    per_chunk = per_rank // chunks
+    order = []
+    for group in range(dp // ep):
+        for j in range(chunks):
+            for member in range(ep):
+                start = (group * ep + member) * per_rank + j * per_chunk
+                order.extend(range(start, start + per_chunk))
+    return order
 
 
 def mm_distributed_run(model_cfg, pcfg: ParallelConfig, tcfg, batches: list[list[Row]],
@@ -238,9 +256,12 @@ def mm_reference_run(model_cfg, pcfg: ParallelConfig, tcfg, world_size: int,
     """The single-process run a layout of `world_size` processes must reproduce (one rank,
     gradient accumulation over the layout's aux domains; run inside a 1-process group)."""
     domains = aux_domains_per_step(pcfg, tcfg, world_size)
+    order = domain_order(len(batches[0]), pcfg.resolved_dp(world_size), pcfg.ep,
+                         layout_chunks(pcfg, tcfg))
+    reordered = [[step[i] for i in order] for step in batches]
     single = ParallelConfig(engine="ddp")
     ref_tcfg = dataclasses.replace(tcfg, grad_accum=domains)
-    return mm_distributed_run(model_cfg, single, ref_tcfg, batches, encoders, routing, groups,
+    return mm_distributed_run(model_cfg, single, ref_tcfg, reordered, encoders, routing, groups,
                               **kwargs)
 
 
