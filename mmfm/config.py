@@ -344,6 +344,14 @@ class ExperimentConfig:
             raise ConfigError(f"parallel.cp={p.cp}: context parallelism is not implemented for "
                               f"data.kind={self.data.kind!r} (data, tensor, expert and pipeline "
                               f"parallelism are; cp needs 1)")
+        if self.data.kind == "multimodal" and p.engine == "deepspeed":
+            # Checked by hand (dp2 × ep2, ZeRO-2): the task counts micro-batches on the model,
+            # which DeepSpeed's engine hides, and a rank whose batch holds no media aborts in
+            # DeepSpeed's backward on the encoder weights it did not use.
+            raise ConfigError("parallel.engine=deepspeed does not train data.kind='multimodal' "
+                              "(ranks without media leave encoder weights unused, which "
+                              "DeepSpeed's backward does not allow); use parallel.engine=fsdp "
+                              "or ddp")
         if p.cp > 1 and self.metrics.routing_trace_every:
             # The trace is a forward on rank 0 alone; cp attention needs every rank of the group.
             raise ConfigError(f"metrics.routing_trace_every={self.metrics.routing_trace_every} "

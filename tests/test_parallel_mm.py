@@ -78,6 +78,9 @@ def test_multimodal_refuses_model_parallel_layouts(mm_shards, text_data, tmp_pat
     with pytest.raises(ConfigError, match=r"parallel.cp=2: context parallelism is not "
                                           "implemented for data.kind='multimodal'"):
         mm_config(mm_shards, text_data, tmp_path, **{"parallel.cp": 2})
+    with pytest.raises(ConfigError, match=r"parallel.engine=deepspeed does not train "
+                                          "data.kind='multimodal'"):
+        mm_config(mm_shards, text_data, tmp_path, **{"parallel.engine": "deepspeed"})
     even_groups = {"model.moe.num_experts": 8,
                    "multimodal.modality_experts": "{text: 4, image: 2, audio: 2}"}
     for field, extra in {"tp": {}, "ep": even_groups, "pp": {"parallel.microbatches": 2}}.items():
