@@ -46,7 +46,7 @@ def test_apply_fsdp_gives_every_unit_the_policy(monkeypatch):
     monkeypatch.setattr(fsdp, "fully_shard", fake_fully_shard)
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                       ffn_hidden=32, max_seq_len=16, moe=None)
-    dims = SimpleNamespace(ep=1, edp=1, dp=2, dp_mesh=None, device=CUDA)
+    dims = SimpleNamespace(ep=1, edp=1, dp=2, dp_cp_mesh=None, device=CUDA)
     apply_fsdp(cfg.build(), dims, ParallelConfig(dp=2), BF16)
     assert [name for name, _ in calls] == ["Block", "Block", "Decoder"]
     assert all(p.param_dtype == torch.bfloat16 and p.reduce_dtype == torch.float32
