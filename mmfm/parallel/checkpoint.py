@@ -25,6 +25,17 @@ with `weights_only=True`; this module never asks DCP for pickled objects). Loade
 restored when dp is unchanged, RNG states when the whole layout is.
 
 The same format serves one process (world size 1, a trivial layout) and N.
+
+Stacked experts (converted on read): multimodal checkpoints written before modality groups'
+experts counted as routed experts hold a group's whole stack (and its moments) under one key
+(`...ffn.groups.image.experts.w1`, shape (E_g, ...)). `load_distributed` sees that in the DCP
+metadata (the plain key is there, the `#k` keys are not), reads the full stack and keeps this
+rank's experts [first, first + local), for the weight and its AdamW moments, under any engine
+but DeepSpeed (which cannot train a multimodal model, so never wrote that form; its path is the
+same but untested). Memory: every such stack whole on every rank (CPU) during that load. The
+format version stays 2: both forms were written as version 2, so a version cannot tell them
+apart, and the metadata can. `Checkpoint.model_state` (one process) reads every key as stored,
+so it reads both forms.
 """
 
 from __future__ import annotations
@@ -118,6 +129,9 @@ class _Entry:
     def __init__(self, pm: ParallelModel, name: str, param: Tensor, optimizer) -> None:
         self.pm, self.name, self.param, self.optimizer = pm, name, param, optimizer
         self.expert = is_routed_expert(name)  # saved one expert per key, whatever the ep
+        # Keys whose checkpoint holds the whole expert stack under the plain name (see the
+        # module docstring): {key: global size}. Set by load_distributed from DCP's metadata.
+        self.stacked_on_disk: dict[str, torch.Size] = {}
         self.deepspeed = pm.engine is not None
 
     def _value(self, key: str | None) -> Tensor:
@@ -149,18 +163,22 @@ class _Entry:
         return getattr(self.param, "ds_shape", self.param.shape)[0]
 
     def state(self) -> tuple[dict[str, Tensor], list]:
-        """({key: tensor}, [(tensor that was loaded, how to put it back)])."""
+        """({key: tensor}, [(what `key` is, the tensor that was loaded, the whole saved stack
+        DCP reads into when the checkpoint holds one, else None)])."""
         out, fixups = {}, []
         kinds = [("model." + self.name, None)]
         kinds += [(f"optim.{self.name}.{m}", m) for m in MOMENTS]
         for prefix, key in kinds:
             value = self._value(key)
-            if self.expert:
+            stack = None
+            if prefix in self.stacked_on_disk:
+                stack = out[prefix] = torch.empty(self.stacked_on_disk[prefix], dtype=value.dtype)
+            elif self.expert:
                 for k, piece in zip(self._keys(prefix), value.unbind(0), strict=True):
                     out[k] = piece
             else:
                 out[prefix] = value
-            fixups.append((key, value))
+            fixups.append((key, value, stack))
         out[f"optim.{self.name}.step"] = self._step()
         return out, fixups
 
@@ -172,7 +190,10 @@ class _Entry:
     @torch.no_grad()
     def put_back(self, fixups: list, step: Tensor) -> None:
         """After DCP loaded into the tensors of `state()`: copy where in-place was impossible."""
-        for key, value in fixups:
+        for key, value, stack in fixups:
+            if stack is not None:  # this rank's experts of the whole saved stack
+                first = self._first_expert()
+                value.copy_(stack[first:first + self._local_experts()])
             if self.deepspeed:
                 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -198,17 +219,42 @@ def _entries(pm: ParallelModel, optimizer) -> list[_Entry]:
     return [_Entry(pm, name, param, optimizer) for name, param in pm.named_parameters()]
 
 
-def _state(pm: ParallelModel, optimizer):
-    """{key: tensor} of every weight, AdamW moment and step, and persistent buffer."""
+def _state(pm: ParallelModel, optimizer, saved: dict[str, Any] | None = None,
+           path: Path | None = None):
+    """{key: tensor} of every weight, AdamW moment and step, and persistent buffer. `saved`:
+    the DCP metadata of the checkpoint `path` to load (expert stacks it holds under one key are
+    read whole, see the module docstring)."""
     state: dict[str, Any] = {}
     fixups = []
     for entry in _entries(pm, optimizer):
+        if entry.expert and saved:
+            entry.stacked_on_disk = _stacked_experts(entry, saved, path)
         values, fix = entry.state()
         state.update(values)
         fixups.append((entry, fix, values[f"optim.{entry.name}.step"]))
     for name, buf in pm.named_buffers():
         state["model." + name] = buf
     return state, fixups
+
+
+def _stacked_experts(entry: _Entry, saved: dict[str, Any], path: Path | None
+                     ) -> dict[str, torch.Size]:
+    """{key: global size} of the entry's weight and moments that `saved` (DCP metadata) holds
+    as one whole stack (the form before per-expert keys); a stack whose expert shape or count
+    does not fit this model is refused here, naming the key."""
+    out = {}
+    local = tuple(getattr(entry.param, "ds_shape", entry.param.shape))
+    for key in ["model." + entry.name] + [f"optim.{entry.name}.{m}" for m in MOMENTS]:
+        if key not in saved:
+            continue
+        size = saved[key].size
+        if tuple(size[1:]) != local[1:] or size[0] < entry._first_expert() + local[0]:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: {key} has shape {tuple(size)}, "
+                f"this model's experts {local[1:]} ({local[0]} on this rank of "
+                f"ep={entry.pm.dims.ep})")
+        out[key] = size
+    return out
 
 
 def _restore_scheduler(scheduler, last_epoch: int) -> None:
@@ -346,8 +392,9 @@ def load_distributed(path: str | Path, pm: ParallelModel, optimizer, scheduler,
     meta = read_meta(path)
     check_compatible(path, meta, pm.model_cfg)
     _init_optimizer_state(pm, optimizer)
-    state, fixups = _state(pm, optimizer)
-    saved_keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state, fixups = _state(pm, optimizer, saved, path)
+    saved_keys = set(saved)
     missing = sorted(k for k in state if k not in saved_keys)
     if missing:
         raise CheckpointError(
