@@ -91,7 +91,16 @@ def swiglu_grouped_mm(x_AD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor,
     offs = torch.cumsum(counts_L, dim=0, dtype=torch.int32)
     w1, w3, w2 = (w.to(x_AD.dtype) for w in (w1, w3, w2))
     h_AH = F.silu(gmm(x_AD, w1, offs=offs)) * gmm(x_AD, w3, offs=offs)
-    return _ContiguousGrad.apply(gmm(_ContiguousGrad.apply(h_AH), w2, offs=offs))
+    return _with_contiguous_grad(gmm(_ContiguousGrad.apply(h_AH), w2, offs=offs))
+
+
+def _with_contiguous_grad(out: Tensor) -> Tensor:
+    """`out` itself (not a view: FSDP2 warns about, and would mishandle in-place ops on, a
+    module output that is a view), with a hook that makes its incoming gradient contiguous
+    before grouped_mm's backward sees it."""
+    if out.requires_grad:
+        out.register_hook(lambda grad: grad.contiguous())
+    return out
 
 
 def swiglu_megablocks(x_AD: Tensor, w1: Tensor, w3: Tensor, w2: Tensor,
