@@ -147,6 +147,10 @@ def validate_seq_len_schedule(cfg, path: str = "train.seq_len_schedule") -> None
             raise UserValueError(f"{name}={seq_len} exceeds model.max_seq_len="
                                  f"{cfg.model.max_seq_len}")
         _check_rope_reach(name, seq_len, cfg.model.rope_scaling)
+        if seq_len % cfg.parallel.cp:  # each context-parallel rank takes an equal chunk
+            raise UserValueError(f"{name}={seq_len} is not divisible by parallel.cp="
+                                 f"{cfg.parallel.cp}: every stage's sequences are split into "
+                                 f"cp equal chunks")
     if cfg.model.rope_scaling is not None:
         _check_scaling_trained(path, entries[-1].seq_len, cfg.model.rope_scaling)
     if cfg.train.keep_tokens_per_step:

@@ -55,6 +55,9 @@ BAD = [
      "train.seq_len_schedule: the last stage's seq_len=32 does not exceed "
      "model.rope_scaling.original_max_seq_len=32, so model.rope_scaling would never be trained"),
     ({"train.seq_len_schedule": "[{step: 0, seqlen: 16}]"}, "seqlen"),
+    ({"train.seq_len_schedule": "[{step: 0, seq_len: 16}, {step: 2, seq_len: 33}]",
+      "parallel.cp": 2},
+     "train.seq_len_schedule[1].seq_len=33 is not divisible by parallel.cp=2"),
 ]
 
 
