@@ -86,10 +86,6 @@ class SeqLenSchedule:
         """Packing lanes the loader keeps: the most rows any stage takes (see TokenLoader)."""
         return max(s.rows for s in self.stages)
 
-    @property
-    def max_seq_len(self) -> int:
-        return max(s.seq_len for s in self.stages)
-
     def at(self, step: int) -> Stage:
         """The stage optimizer step `step` (0-based: the step being computed) runs in."""
         return self.stages[bisect.bisect_right(self._starts, max(step, 0)) - 1]

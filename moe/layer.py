@@ -32,15 +32,16 @@ _COEFS = {"lb_loss": "aux_loss_coef", "seq_aux_loss": "seq_aux_loss_coef",
 
 @dataclass
 class RoutedTotals:
-    """One forward's routing counts: this rank's, and its expert-parallel group's."""
+    """One forward's routing counts: this rank's, and its group's (the ep group, or under
+    context parallelism the cp group holding the other chunks of the same sequences)."""
 
     local_counts_E: Tensor  # assignments per expert routed by this rank
-    counts_E: Tensor  # over the ep group (= local_counts_E without expert parallelism)
-    mean_over: Tensor | None  # tokens a token mean divides by: group tokens / ep (None: local)
-    group_tokens: Tensor | None  # tokens routed by the whole ep group (None: no ep)
+    counts_E: Tensor  # over the group (= local_counts_E without ep or cp)
+    mean_over: Tensor | None  # tokens a token mean divides by: group tokens / ranks (None: local)
+    group_tokens: Tensor | None  # tokens routed by the whole group (None: no ep or cp)
 
     def group_is_empty(self, local_tokens: int) -> bool:
-        """No token at all in the ep group (host sync only when this rank has none)."""
+        """No token at all in the group (host sync only when this rank has none)."""
         if local_tokens > 0:
             return False
         return self.group_tokens is None or int(self.group_tokens) == 0

@@ -28,6 +28,7 @@ import re
 
 import pytest
 import torch
+from test_parallel_parity import assert_matches
 
 from mmfm.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from mmfm.errors import UserValueError
@@ -39,7 +40,6 @@ from mmfm.parallel.runner import distributed_run, make_batches, reference_run
 STEPS, ROWS, SEQ, VOCAB = 3, 4, 1024, 128
 TRAIN = TrainConfig(steps=STEPS, micro_batch_size=2, grad_accum=1, lr=1e-2, warmup_steps=0,
                     precision="fp32", grad_clip=0.5)
-LOSS_RTOL, NORM_RTOL, WEIGHT_ATOL = 1e-5, 1e-4, 3e-5  # as tests/test_parallel_parity.py
 
 
 def model_cfg(n_kv_heads: int = 2) -> ModelConfig:
@@ -163,21 +163,6 @@ def group_results(tmp_path_factory):
         return cache[world]
 
     return get
-
-
-def assert_matches(result, ref, steps=slice(None)) -> None:
-    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(ref.losses[steps]),
-                               rtol=LOSS_RTOL, atol=0)
-    torch.testing.assert_close(torch.tensor(result.aux_losses),
-                               torch.tensor(ref.aux_losses[steps]), rtol=NORM_RTOL, atol=1e-7)
-    torch.testing.assert_close(torch.tensor(result.grad_norms),
-                               torch.tensor(ref.grad_norms[steps]), rtol=NORM_RTOL, atol=0)
-    expected = {k: v for k, v in ref.state.items() if k in result.state}
-    # The tied LM head is the embedding (one tensor, saved once).
-    assert set(ref.state) - set(expected) <= {"lm_head.weight"}, set(ref.state) - set(expected)
-    for key, value in expected.items():
-        torch.testing.assert_close(result.state[key], value, rtol=0, atol=WEIGHT_ATOL,
-                                   msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.distributed

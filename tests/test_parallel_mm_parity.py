@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_parallel_parity import LOSS_RTOL, NORM_RTOL, WEIGHT_ATOL
+from test_parallel_parity import LOSS_RTOL, NORM_RTOL, WEIGHT_ATOL, assert_step_stats
 
 from mmfm.config import ModelConfig, TrainConfig
 from mmfm.moe.config import MoEConfig
@@ -262,12 +262,7 @@ def assert_mm_matches(result, ref, first_step: int = 0, adam_outliers: bool = Fa
     norms, per-group losses, then the final weights (see `assert_states_match`)."""
     steps = slice(first_step, STEPS)
     assert len(result.losses) == STEPS - first_step and len(ref.losses) == STEPS
-    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(ref.losses[steps]),
-                               rtol=LOSS_RTOL, atol=0)
-    torch.testing.assert_close(torch.tensor(result.aux_losses),
-                               torch.tensor(ref.aux_losses[steps]), rtol=NORM_RTOL, atol=1e-7)
-    torch.testing.assert_close(torch.tensor(result.grad_norms),
-                               torch.tensor(ref.grad_norms[steps]), rtol=NORM_RTOL, atol=0)
+    assert_step_stats(result, ref, steps)
     for got, want in zip(result.metrics, ref.metrics[steps], strict=True):
         assert set(got) == set(want) and {"train/loss/image", "train/loss/audio"} <= set(want)
         for key in want:

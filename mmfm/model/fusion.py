@@ -97,12 +97,16 @@ class EncoderSlot(nn.Module):
         return self._fingerprint
 
 
-def placeholder_runs(mask_BT: Tensor) -> list[int]:
-    """Lengths of the maximal runs of True in `mask_BT`, row-major; runs end at row ends."""
-    B, T = mask_BT.shape
+def run_starts(mask_BT: Tensor) -> Tensor:
+    """(B, T) bool: where a maximal run of True in `mask_BT` starts (runs end at row ends)."""
     prev_BT = torch.zeros_like(mask_BT)
     prev_BT[:, 1:] = mask_BT[:, :-1]
-    starts = (mask_BT & ~prev_BT).flatten()
+    return mask_BT & ~prev_BT
+
+
+def placeholder_runs(mask_BT: Tensor) -> list[int]:
+    """Lengths of the maximal runs of True in `mask_BT`, row-major; runs end at row ends."""
+    starts = run_starts(mask_BT).flatten()
     run_id = torch.cumsum(starts.long(), 0) - 1
     return torch.bincount(run_id[mask_BT.flatten()], minlength=int(starts.sum())).tolist()
 

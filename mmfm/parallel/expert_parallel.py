@@ -59,10 +59,18 @@ def is_routed_expert(name: str) -> bool:
     return _ROUTED_EXPERT.search(name) is not None
 
 
+def named_moe_layers(ffn: nn.Module) -> list[tuple[str, MoELayer]]:
+    """(name relative to the FFN, MoE layer) inside a block's FFN: ("", the FFN itself), or
+    ("groups.<modality>", layer) for each modality group of a MoMa FFN."""
+    groups = getattr(ffn, "groups", None)
+    if isinstance(groups, nn.ModuleDict):
+        return [(f"groups.{name}", layer) for name, layer in groups.items()]
+    return [("", ffn)]
+
+
 def moe_layers_of(ffn: nn.Module) -> list[MoELayer]:
     """The MoE layers inside a block's FFN: itself, or each modality group (MoMa)."""
-    groups = getattr(ffn, "groups", None)
-    return list(groups.values()) if isinstance(groups, nn.ModuleDict) else [ffn]
+    return [layer for _, layer in named_moe_layers(ffn)]
 
 
 def apply_expert_parallel(blocks: dict[str, nn.Module], ep_group: dist.ProcessGroup) -> None:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from mmfm.encoders.media import MediaTensors
 from mmfm.model.decoder import token_losses
 from mmfm.model.fused_loss import IGNORE_INDEX
-from mmfm.model.fusion import fuse_media, modality_ids_of
+from mmfm.model.fusion import fuse_media, modality_ids_of, run_starts
 from mmfm.parallel.config import ParallelConfig
 from mmfm.parallel.pipeline import StageModule, split_stages
 
@@ -127,10 +127,7 @@ def is_multimodal(parts: list[nn.Module]) -> bool:
 
 def items_per_row(input_ids_BT: Tensor, placeholder_id: int) -> Tensor:
     """(B,) number of placeholder runs (media items) in each row."""
-    mask_BT = input_ids_BT == placeholder_id
-    prev_BT = torch.zeros_like(mask_BT)
-    prev_BT[:, 1:] = mask_BT[:, :-1]
-    return (mask_BT & ~prev_BT).sum(1)
+    return run_starts(input_ids_BT == placeholder_id).sum(1)
 
 
 def slice_media(items: MediaTensors, lo: int, hi: int) -> MediaTensors:
@@ -194,7 +191,7 @@ def prepare_step(parts: list[nn.Module], batches: list, ids_BT: Tensor,
             "media_index": torch.arange(microbatches, device=ids_BT.device)}
 
 
-def finish_step(pm, batches: list, task, training: bool = True) -> list[dict[str, float]]:
+def finish_step(pm, batches: list, task) -> list[dict[str, float]]:
     """After `schedule.step`: count the micro-batches for the encoders' unfreeze schedule,
     clear the side table, and return the task's per-loader-micro-batch metrics, computed on
     the last stage from its recorded token losses and broadcast over the pipeline group."""
@@ -202,8 +199,7 @@ def finish_step(pm, batches: list, task, training: bool = True) -> list[dict[str
     for part in pm.parts:
         if part.first:
             part.micro_batch_media = []
-            if training:
-                part.count_micro_batches(len(batches))
+            part.count_micro_batches(len(batches))
         if part.last:
             recorded = part.token_losses[-pm.cfg.microbatches:]  # not metadata inference's
             part.token_losses.clear()

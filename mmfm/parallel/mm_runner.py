@@ -263,12 +263,3 @@ def mm_reference_run(model_cfg, pcfg: ParallelConfig, tcfg, world_size: int,
     ref_tcfg = dataclasses.replace(tcfg, grad_accum=domains)
     return mm_distributed_run(model_cfg, single, ref_tcfg, reordered, encoders, routing, groups,
                               **kwargs)
-
-
-def state_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> list[str]:
-    """Names of the tensors of `a` and `b` that differ by more than `atol` (or are missing)."""
-    bad = sorted(set(a) ^ set(b))
-    for name in sorted(set(a) & set(b)):
-        if not torch.allclose(a[name].float(), b[name].float(), atol=atol, rtol=0):
-            bad.append(name)
-    return bad

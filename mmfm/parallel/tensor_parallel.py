@@ -26,6 +26,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from mmfm.parallel.expert_parallel import named_moe_layers
+
 
 def _replicated_input(n_args: int) -> PrepareModuleInput:
     """Make the first argument a replicated DTensor once, at the module boundary: the column-
@@ -41,9 +43,9 @@ def block_plan(block: nn.Module) -> dict:
             "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
             "attn.wv": ColwiseParallel(), "attn.wo": RowwiseParallel()}
     if block.is_moe:
-        for prefix, layer in _moe_layers(block.ffn):
+        for name, layer in named_moe_layers(block.ffn):  # each modality group's too (MoMa)
             if layer.shared_experts is not None:
-                shared = f"{prefix}.shared_experts"
+                shared = ".".join(filter(None, ("ffn", name, "shared_experts")))
                 plan.update({shared: _replicated_input(1),
                              f"{shared}.w1": ColwiseParallel(),
                              f"{shared}.w3": ColwiseParallel(),
@@ -52,15 +54,6 @@ def block_plan(block: nn.Module) -> dict:
         plan.update({"ffn": _replicated_input(1), "ffn.w1": ColwiseParallel(),
                      "ffn.w3": ColwiseParallel(), "ffn.w2": RowwiseParallel()})
     return plan
-
-
-def _moe_layers(ffn: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(FQN relative to the block, MoE layer): the FFN itself, or each modality group of a
-    MoMa FFN (`ffn.groups.<modality>`), whose shared experts are split like the dense FFN."""
-    groups = getattr(ffn, "groups", None)
-    if isinstance(groups, nn.ModuleDict):
-        return [(f"ffn.groups.{name}", layer) for name, layer in groups.items()]
-    return [("ffn", ffn)]
 
 
 def apply_tensor_parallel(blocks: dict[str, nn.Module], tp_mesh: DeviceMesh) -> None:
